@@ -1,0 +1,152 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import rankcut
+from conftest import ARCHS, VOCAB, tiny_model
+from rankcut import CompressionConfig, compress
+from rankcut.errors import ArtifactError, ConfigError, FactorizationError
+from rankcut.layers import LowRankLinear
+from rankcut.plan import DENSE
+
+
+def calibration_ids(n=12, length=32, seed=0):
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("allocator", ["uniform", "energy"])
+def test_end_to_end_meets_budget(arch, allocator):
+    model = tiny_model(arch)
+    dense_targets = sum(t.out_features * t.in_features for t in rankcut.find_targets(model))
+    model, report = compress(model, CompressionConfig(keep_ratio=0.6, allocator=allocator),
+                             calibration=calibration_ids(), show_progress=False)
+    measured = report.measured
+    assert measured["target_params_dense"] == dense_targets
+    assert measured["budget"] == int(0.6 * dense_targets)
+    counted = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and not n.endswith("bias")
+                  and "norm" not in n)
+    assert counted == measured["target_params"] <= measured["budget"]
+    assert measured["budget_slack"] < 0.02  # tiny shapes: one rank step is ~1% of this budget
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert torch.isfinite(logits(model, calibration_ids(2))).all()
+    assert {d["path"] for d in report.diagnostics.values()} <= {"cholesky", "eigh"}
+
+
+def test_shared_inputs_are_detected():
+    model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.7), calibration=calibration_ids(),
+                             show_progress=False)
+    shared = report.diagnostics["model.layers.0.self_attn.q_proj"]["shared_input"]
+    assert [name.rsplit(".", 1)[1] for name in shared] == ["q_proj", "k_proj", "v_proj"]
+    gate = report.diagnostics["model.layers.1.mlp.gate_proj"]["shared_input"]
+    assert [name.rsplit(".", 1)[1] for name in gate] == ["gate_proj", "up_proj"]
+    assert report.diagnostics["model.layers.1.mlp.down_proj"]["shared_input"] == ["model.layers.1.mlp.down_proj"]
+
+
+def test_keep_one_keeps_everything_dense():
+    model = tiny_model()
+    reference = logits(model, calibration_ids(2))
+    model, report = compress(model, CompressionConfig(keep_ratio=1.0), calibration=calibration_ids(), show_progress=False)
+    assert set(report.plan.ranks.values()) == {DENSE}
+    assert report.measured["target_params"] == report.measured["target_params_dense"]
+    assert torch.equal(logits(model, calibration_ids(2)), reference)
+
+
+def test_whitening_beats_plain_svd_on_calibration_loss():
+    ids = calibration_ids(16, 32)
+    reference = logits(tiny_model(), ids)
+    errors = {}
+    for whitening in ("none", "cholesky"):
+        model, _ = compress(tiny_model(), CompressionConfig(keep_ratio=0.5, whitening=whitening), calibration=ids,
+                            show_progress=False)
+        errors[whitening] = float((logits(model, ids) - reference).square().mean())
+    assert errors["cholesky"] < errors["none"]
+
+
+def test_sequential_differs_from_open_loop_and_meets_budget():
+    ids = calibration_ids()
+    open_loop, _ = compress(tiny_model(), CompressionConfig(keep_ratio=0.5), calibration=ids, show_progress=False)
+    closed, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.5, sequential=True), calibration=ids,
+                              show_progress=False)
+    assert report.measured["target_params"] <= report.measured["budget"]
+    assert "calibrate + decompose" not in report.timings  # uniform plans from shapes; one pass
+    assert not torch.equal(logits(open_loop, ids[:2]), logits(closed, ids[:2]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_save_and_load_give_identical_logits(arch, tmp_path, word_tokenizer):
+    model, report = compress(tiny_model(arch), CompressionConfig(keep_ratio=0.6, allocator="energy"),
+                             calibration=calibration_ids(), show_progress=False)
+    ids = calibration_ids(2, 16, seed=5)
+    expected = logits(model, ids)
+    out = rankcut.save(model, word_tokenizer, tmp_path / "art", report, base_model="tiny")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "rankcut" and config["plan"]["allocator"] == "energy"
+    assert config["settings"]["keep_ratio"] == 0.6 and config["diagnostics"]
+    loaded, tokenizer = rankcut.load(out, device="cpu")
+    assert (logits(loaded, ids) - expected).abs().max() <= 1e-5
+    assert tokenizer("the of").input_ids == word_tokenizer("the of").input_ids
+    stock = AutoModelForCausalLM.from_pretrained(out)
+    assert (logits(stock, ids) - expected).abs().max() <= 1e-5
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+
+
+def test_artifact_is_atomic_and_tamper_evident(tmp_path):
+    model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6), calibration=calibration_ids(),
+                             show_progress=False)
+    out = rankcut.save(model, None, tmp_path / "art", report)
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no partial folder left behind
+    with pytest.raises(ArtifactError, match="already exists"):
+        rankcut.save(model, None, tmp_path / "art", report)
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="truncated or altered"):
+        rankcut.load(out)
+    weights.write_bytes(data)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]["rank"] = 3
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="truncated or altered"):
+        rankcut.load(out)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6), calibration=calibration_ids(),
+                             show_progress=False)
+    out = rankcut.save(model, None, tmp_path / "art", report)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 99
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="newer than this rankcut supports"):
+        rankcut.load(out, verify=False)
+
+
+def test_bad_configs_fail_before_work():
+    with pytest.raises(ConfigError, match="keep_ratio"):
+        CompressionConfig(keep_ratio=1.2)
+    with pytest.raises(ConfigError, match="unknown allocator 'magic'.*uniform"):
+        CompressionConfig(allocator="magic")
+    with pytest.raises(ConfigError, match="unknown option"):
+        CompressionConfig(whitening_options={"nope": 1})
+    with pytest.raises(ConfigError, match="unknown compression setting"):
+        CompressionConfig.from_dict({"keep": 0.5})
+    with pytest.raises(ConfigError, match="tokenizer"):
+        compress(tiny_model(), CompressionConfig())
+
+
+def test_nan_weight_is_an_error_naming_the_module():
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight[0, 0] = float("nan")
+    with pytest.raises(Exception, match="NaN") as error:
+        compress(model, CompressionConfig(keep_ratio=0.5, whitening="none"), calibration=calibration_ids(),
+                 show_progress=False)
+    assert isinstance(error.value, FactorizationError) and "model.layers.2.self_attn.o_proj" in str(error.value)
