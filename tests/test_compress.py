@@ -150,3 +150,45 @@ def test_nan_weight_is_an_error_naming_the_module():
         compress(model, CompressionConfig(keep_ratio=0.5, whitening="none"), calibration=calibration_ids(),
                  show_progress=False)
     assert isinstance(error.value, FactorizationError) and "model.layers.2.self_attn.o_proj" in str(error.value)
+
+
+def test_pivga_plans_buy_more_rank_and_reload(tmp_path):
+    ids = calibration_ids()
+    plain, plain_report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6), calibration=ids, show_progress=False)
+    pivga, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6, factor_format="pivga"), calibration=ids,
+                             show_progress=False)
+    assert report.measured["target_params"] <= report.measured["budget"] == plain_report.measured["budget"]
+    name = "model.layers.0.self_attn.q_proj"
+    assert report.plan.ranks[name] > plain_report.plan.ranks[name]
+    assert any(type(m).__name__ == "PivGaLinear" for m in pivga.modules())
+    out = rankcut.save(pivga, None, tmp_path / "piv", report)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format_version"] == 2 and config["modules"][name]["type"] == "pivga"
+    loaded, _ = rankcut.load(out, device="cpu")
+    assert (logits(loaded, ids[:2]) - logits(pivga, ids[:2])).abs().max() <= 1e-5
+
+
+def test_converting_plain_factors_to_pivga_is_lossless():
+    from rankcut.layers import convert_to_pivga
+
+    ids = calibration_ids()
+    model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.5), calibration=ids, show_progress=False)
+    before = logits(model, ids[:2])
+    plain_params = sum(p.numel() for p in model.parameters())
+    convert_to_pivga(model)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    ranks = [r for r in report.plan.ranks.values() if r != DENSE]
+    assert plain_params - sum(p.numel() for p in model.parameters()) == sum(r * r for r in ranks)
+    assert (logits(model, ids[:2]) - before).abs().max() <= 1e-4 * before.abs().max()
+
+
+def test_format_version_1_artifacts_still_load(tmp_path):
+    model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6), calibration=calibration_ids(),
+                             show_progress=False)
+    out = rankcut.save(model, None, tmp_path / "v1", report)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1  # what rankcut wrote before PivGa layers existed
+    (out / "config.json").write_text(json.dumps(config))
+    loaded, _ = rankcut.load(out, verify=False)
+    ids = calibration_ids(2)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))

@@ -59,7 +59,7 @@ def test_gauge_fixing_is_lossless_in_float32(shape, make_factors, variant):
     assert relative_error(factors, a, b) < 1e-6
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(m=st.integers(1, 24), n=st.integers(1, 24), rank_fraction=st.floats(0, 1), seed=st.integers(0, 2**16),
        variant=st.sampled_from(VARIANTS))
 def test_gauge_fixing_is_exact_in_float64_for_any_shape(m, n, rank_fraction, seed, variant):
@@ -105,7 +105,7 @@ def test_layer_matches_plain_low_rank_layer(shape, with_bias, variant):
 def test_auto_variant_follows_the_documented_rule():
     for m, n, k in SHAPES:
         layer = PivGaLinear.from_factors(*random_factors(m, n, k))
-        assert layer.variant == choose_variant(m, n, k)
+        assert layer.variant == choose_variant(m, n) == ("row" if m <= n else "column")
         assert layer.layer_options() == {"variant": layer.variant}
 
 

@@ -28,7 +28,8 @@ from .errors import ArtifactError
 from .layers import build_layer, describe_layer
 from .targets import set_submodule
 
-FORMAT_VERSION = 1
+# 1: plain factors only; 2: adds PivGa layers ("type": "pivga" with a "variant"). Older versions load.
+FORMAT_VERSION = 2
 METHOD = "rankcut"
 MANIFEST = "rankcut_manifest.json"
 
@@ -177,7 +178,10 @@ def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, pl
 
 def load(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "float32",
          device: str | torch.device | None = "auto", verify: bool = True):
-    """Load ``(model, tokenizer)`` from a rankcut artifact, verifying its manifest first."""
+    """Load ``(model, tokenizer)`` from a rankcut artifact, verifying its manifest first.
+
+    The tokenizer is None when the artifact was saved without one.
+    """
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise ArtifactError(f"{folder} is not a model folder (no config.json)")
@@ -191,5 +195,6 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "float32"
         raise ArtifactError(f"{folder} is not a rankcut artifact (quant_method={quantization.get('quant_method')!r})")
     RankcutConfig(**{k: v for k, v in quantization.items() if k != "quant_method"})  # validates before any load
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
     return model.to(resolve_device(device)).eval(), tokenizer

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional, ParamSpec
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .errors import RankcutError
+
+P = ParamSpec("P")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Low-rank compression of Hugging Face causal LMs with global rank allocation.")
@@ -20,6 +22,20 @@ out = Console()
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="bundled name (smollm2-135m, gemma3-270m), HF folder, .gguf file, hub id, or rankcut artifact")]
 DataDirOption = Annotated[Optional[Path], typer.Option("--data-dir", help="local data folder (default: $RANKCUT_DATA)")]
+
+
+def _friendly_errors(command: Callable[P, None]) -> Callable[P, None]:
+    """Print a :class:`RankcutError`'s message (no traceback) and exit with status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except RankcutError as error:
+            console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
 
 
 def _parse_options(pairs: list[str]) -> dict[str, str]:
@@ -40,6 +56,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 
 @app.command()
+@_friendly_errors
 def info(model: ModelOption = "smollm2-135m") -> None:
     """Architecture, target linear modules with shapes, parameter counts."""
     from .models import load_model
@@ -65,6 +82,7 @@ def info(model: ModelOption = "smollm2-135m") -> None:
 
 
 @app.command()
+@_friendly_errors
 def ppl(
     model: ModelOption = "smollm2-135m",
     dataset: Annotated[str, typer.Option(help="wikitext2, ptb, c4, or a .txt/.jsonl/.parquet path")] = "wikitext2",
@@ -102,6 +120,7 @@ def _load_any(spec: str, dtype: str, device: str):
 
 
 @app.command()
+@_friendly_errors
 def compress(
     model: ModelOption = "smollm2-135m",
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="artifact folder to write")] = Path("rankcut-out"),
@@ -145,6 +164,7 @@ def compress(
 
 
 @app.command()
+@_friendly_errors
 def allocators() -> None:
     """List allocators and whiteners with their options."""
     import dataclasses
@@ -160,13 +180,5 @@ def allocators() -> None:
         out.print(table)
 
 
-def main() -> None:
-    try:
-        app()
-    except RankcutError as error:
-        console.print(f"[red]error:[/red] {error}")
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    main()
+    app()

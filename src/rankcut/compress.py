@@ -28,7 +28,7 @@ from .data import load_text, sample_calibration
 from .decomposition import Spectrum, whitened_svd
 from .errors import ConfigError, FactorizationError
 from .evaluation.perplexity import model_context_length
-from .layers import LowRankLinear
+from .layers import LowRankLinear, PivGaLinear
 from .plan import DENSE, FACTOR_FORMATS, Budget, RankPlan
 from .progress import progress_bar
 from .registry import PluginConfig
@@ -183,8 +183,6 @@ def _factorized_layer(linear: nn.Linear, spectrum: Spectrum, rank: int, factor_f
     a, b = spectrum.factors(rank, dtype=torch.float64)
     bias = linear.bias.detach() if linear.bias is not None else None
     if factor_format == "pivga":
-        from .layers.pivga import PivGaLinear
-
         layer = PivGaLinear.from_factors(a, b, None if bias is None else bias.double())
     else:
         layer = LowRankLinear.from_factors(a, b, None if bias is None else bias.double())

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from .lowrank import LowRankLinear
+from .pivga import PivGaLinear
 
 # layer type name (stored in artifacts) -> class; every class shares LowRankLinear's constructor
-LAYER_CLASSES: dict[str, type[nn.Module]] = {"lowrank": LowRankLinear}
+LAYER_CLASSES: dict[str, type[nn.Module]] = {"lowrank": LowRankLinear, "pivga": PivGaLinear}
 
 
 def describe_layer(module: nn.Module) -> dict[str, Any] | None:
@@ -34,4 +35,16 @@ def build_layer(description: dict[str, Any], in_features: int, out_features: int
     return cls(in_features, out_features, rank, bias, dtype=dtype, device=device, **options)
 
 
-__all__ = ["LAYER_CLASSES", "LowRankLinear", "build_layer", "describe_layer"]
+def convert_to_pivga(model: nn.Module) -> nn.Module:
+    """Gauge-fix every plain factorized layer in place (lossless up to rounding; fewer numbers)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is LowRankLinear:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = PivGaLinear.from_factors(module.weight_a.detach(), module.weight_b.detach(),
+                                             None if module.bias is None else module.bias.detach())
+            setattr(parent, child, layer)
+    return model
+
+
+__all__ = ["LAYER_CLASSES", "LowRankLinear", "PivGaLinear", "build_layer", "convert_to_pivga", "describe_layer"]

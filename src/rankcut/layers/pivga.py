@@ -10,8 +10,9 @@ Stores ``k(m+n) - k²`` numbers instead of ``k(m+n)`` for the same rank-``k`` ma
 
 The two variants name their permutation differently so that a state dict never loads silently into
 a skeleton of the other variant (for a square module at ``k = n/2`` all other shapes coincide).
-Permutations are persistent int32 buffers: ``index_select`` takes int32 as fast as int64 (measured
-within noise) at half the bytes, and ``Module.to(dtype)`` leaves them alone.
+Permutations are persistent int32 buffers: ``index_select`` gathers with int32 as fast as with int64
+(within ±10 %, measured on 1 and 512 tokens of width 576 to 11008) at half the bytes, and
+``Module.to(dtype)`` leaves them alone.
 """
 
 from __future__ import annotations

@@ -1,0 +1,223 @@
+"""Inference speed and memory of a causal LM: what low-rank compression buys at run time.
+
+:func:`measure_speed` times one ``prompt_tokens`` forward (prefill) and ``decode_tokens`` greedy
+steps at batch 1 with the KV cache (decode), on seeded random token ids so that a dense and a
+compressed model see identical inputs. :func:`compare_speed` turns two such results into ratios.
+
+Peak memory is the peak resident set size (RSS) of the whole process during the timed runs: on
+Linux the kernel's high-water mark (``VmHWM``) reset just before through ``/proc/self/clear_refs``,
+elsewhere the maximum of RSS sampled every millisecond with psutil. It includes the weights, the
+Python runtime and anything else alive in the process (e.g. another model), so compare models
+measured in the same conditions, or use ``peak_rss_increase_bytes`` (the peak above the RSS just
+before the runs: activations, KV cache, temporaries).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_bytes(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    if match is None:
+        raise OSError(f"{field} missing from {_STATUS}")
+    return int(match.group(1)) * 1024
+
+
+def _kernel_peak_resettable() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        _status_bytes("VmHWM")
+    except OSError:
+        return False
+    return True
+
+
+def current_rss() -> int | None:
+    """Resident set size of this process in bytes, or None where neither /proc nor psutil tells."""
+    try:
+        return _status_bytes("VmRSS")
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict[str, Any]]:
+    """Measure the peak RSS over the block into the yielded dict (``peak_bytes``, ``method``)."""
+    report: dict[str, Any] = {"peak_bytes": None, "method": "unavailable"}
+    if _kernel_peak_resettable():
+        yield report
+        report.update(peak_bytes=_status_bytes("VmHWM"), method="VmHWM reset via /proc/self/clear_refs")
+        return
+    try:
+        import psutil
+    except ImportError:
+        yield report
+        return
+    process, stop, samples = psutil.Process(), threading.Event(), [0]
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples[0] = max(samples[0], process.memory_info().rss)
+            stop.wait(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield report
+    finally:
+        stop.set()
+        sampler.join()
+        samples[0] = max(samples[0], process.memory_info().rss)
+        report.update(peak_bytes=samples[0], method="psutil RSS sampled every 1 ms")
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all distinct parameters and buffers (tied weights counted once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _random_ids(model, tokenizer, length: int, seed: int) -> torch.Tensor:
+    """``length`` seeded random token ids, avoiding the tokenizer's special tokens when it is given."""
+    vocab = model.get_input_embeddings().num_embeddings
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    allowed = torch.tensor([i for i in range(vocab) if i not in special])
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(allowed), (1, length), generator=generator)
+    return allowed[picks]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def _prefill_and_decode(
+    model, ids: torch.Tensor, decode_tokens: int, last_logits_only: bool
+) -> tuple[float, float, torch.Tensor]:
+    """Seconds for the prefill forward and for ``decode_tokens`` greedy cached steps after it, and the
+    ``decode_tokens + 1`` greedy tokens produced (the first by the prefill)."""
+    device = ids.device
+    extra = {"logits_to_keep": 1} if last_logits_only else {}
+    _synchronize(device)
+    start = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, **extra)
+    _synchronize(device)
+    prefill = time.perf_counter() - start
+    past, tokens = out.past_key_values, [out.logits[:, -1:].argmax(-1)]
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        out = model(input_ids=tokens[-1], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        tokens.append(out.logits[:, -1:].argmax(-1))
+    _synchronize(device)
+    return prefill, time.perf_counter() - start, torch.cat(tokens, dim=1)
+
+
+def measure_speed(
+    model,
+    tokenizer=None,
+    *,
+    prompt_tokens: int = 512,
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Prefill and decode throughput, peak RSS and weight bytes of ``model`` (batch 1, greedy).
+
+    Each repeat runs one prefill of ``prompt_tokens`` then ``decode_tokens`` cached decode steps;
+    throughputs are medians over ``repeats`` after one untimed warm-up. The prefill computes only the
+    last position's logits when the model accepts ``logits_to_keep`` (as ``generate`` does), so the
+    vocabulary projection of the whole prompt does not dilute differences between models. ``device``
+    defaults to the model's and must match it. ``tokenizer`` only keeps special tokens out of the
+    random prompt.
+    """
+    if prompt_tokens < 1 or decode_tokens < 1 or repeats < 1:
+        raise ConfigError("prompt_tokens, decode_tokens and repeats must all be >= 1")
+    model_device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else model_device
+    if device != model_device:
+        raise ConfigError(f"model is on {model_device}, not {device}: move it first")
+    was_training = model.training
+    model.eval()
+    last_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+    ids = _random_ids(model, tokenizer, prompt_tokens, seed=0).to(device)
+    try:
+        _prefill_and_decode(model, ids[:, : min(prompt_tokens, 16)], 2, last_logits_only)  # warm-up
+        rss_before = current_rss()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with peak_rss() as peak:
+            runs = [_prefill_and_decode(model, ids, decode_tokens, last_logits_only) for _ in range(repeats)]
+    finally:
+        model.train(was_training)
+    prefill_s = [run[0] for run in runs]
+    decode_s = [run[1] for run in runs]
+    result: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "prefill_tokens_per_s": prompt_tokens / statistics.median(prefill_s),
+        "decode_tokens_per_s": decode_tokens / statistics.median(decode_s),
+        "prefill_seconds": prefill_s,
+        "decode_seconds": decode_s,
+        "weight_bytes": weight_bytes(model),
+        "peak_rss_bytes": peak["peak_bytes"],
+        "peak_rss_increase_bytes": (
+            peak["peak_bytes"] - rss_before if peak["peak_bytes"] is not None and rss_before is not None else None
+        ),
+        "peak_rss_method": peak["method"],
+        "prefill_logits": "last position" if last_logits_only else "all positions",
+    }
+    if device.type == "cuda":
+        result["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+_RATIOS = {
+    "prefill_speedup": "prefill_tokens_per_s",
+    "decode_speedup": "decode_tokens_per_s",
+    "weight_bytes_ratio": "weight_bytes",
+    "peak_rss_ratio": "peak_rss_bytes",
+    "peak_rss_increase_ratio": "peak_rss_increase_bytes",
+    "peak_cuda_allocated_ratio": "peak_cuda_allocated_bytes",
+}
+
+
+def compare_speed(dense_result: dict[str, Any], compressed_result: dict[str, Any]) -> dict[str, float | None]:
+    """Compressed / dense for each measure: speedups above 1 and memory ratios below 1 are gains.
+
+    A ratio is None when either side lacks the measure or the dense value is zero; measures neither
+    result has (CUDA memory on CPU runs) are left out.
+    """
+    ratios: dict[str, float | None] = {}
+    for name, key in _RATIOS.items():
+        if key not in dense_result and key not in compressed_result:
+            continue
+        dense, compressed = dense_result.get(key), compressed_result.get(key)
+        ratios[name] = compressed / dense if dense and compressed is not None else None
+    return ratios

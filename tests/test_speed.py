@@ -1,0 +1,105 @@
+"""Speed/memory probe: real cached greedy decoding, deterministic inputs, sane numbers, ratios."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rankcut.errors import ConfigError
+from rankcut.evaluation import speed
+from rankcut.evaluation.speed import compare_speed, measure_speed, peak_rss, weight_bytes
+
+
+def _tiny_llama(tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie, initializer_range=0.2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_measure_speed_returns_positive_finite_numbers():
+    model = _tiny_llama().train()  # the probe must run in eval mode and give the mode back
+    result = measure_speed(model, prompt_tokens=48, decode_tokens=6, repeats=2)
+    assert model.training
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert len(result["prefill_seconds"]) == len(result["decode_seconds"]) == 2
+    assert all(s > 0 for s in result["prefill_seconds"] + result["decode_seconds"])
+    assert result["weight_bytes"] == sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    assert result["peak_rss_method"] != "unavailable"
+    assert result["peak_rss_bytes"] > result["weight_bytes"]
+    assert result["peak_rss_increase_bytes"] >= 0
+    assert result["prefill_logits"] == "last position"
+    assert (result["device"], result["dtype"]) == ("cpu", "float32")
+
+
+def test_decode_loop_is_greedy_generation_with_the_cache():
+    model = _tiny_llama()
+    ids = speed._random_ids(model, None, 20, seed=0)
+    _, _, tokens = speed._prefill_and_decode(model, ids, 7, last_logits_only=True)
+    with torch.no_grad():
+        reference = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, reference[:, ids.shape[1] :])
+
+
+def test_random_prompt_is_seeded_and_avoids_special_tokens():
+    model = _tiny_llama()
+    tokenizer = SimpleNamespace(all_special_ids=[0, 1, 2, 299])
+    ids = speed._random_ids(model, tokenizer, 512, seed=0)
+    assert torch.equal(ids, speed._random_ids(model, tokenizer, 512, seed=0))
+    assert ids.shape == (1, 512)
+    assert not set(ids.flatten().tolist()) & {0, 1, 2, 299}
+    assert int(ids.max()) < 300
+
+
+def test_weight_bytes_counts_tied_embeddings_once():
+    untied, tied = _tiny_llama(tie=False), _tiny_llama(tie=True)
+    embedding = 300 * 64 * 4
+    assert weight_bytes(untied) - weight_bytes(tied) == embedding
+    half = tied.half()
+    assert weight_bytes(half) == sum(p.numel() * 2 for p in half.parameters()) + sum(
+        b.numel() * b.element_size() for b in half.buffers()
+    )
+
+
+def test_peak_rss_sees_a_transient_allocation():
+    before = speed.current_rss()
+    with peak_rss() as peak:
+        block = torch.ones(50_000_000)  # 200 MB, freed before the block ends
+        block.add_(1)
+        del block
+    assert peak["method"] != "unavailable"
+    assert peak["peak_bytes"] >= before + 150_000_000
+    assert speed.current_rss() < peak["peak_bytes"]
+
+
+def test_measure_speed_rejects_bad_settings():
+    model = _tiny_llama()
+    with pytest.raises(ConfigError):
+        measure_speed(model, prompt_tokens=0)
+    with pytest.raises(ConfigError, match="move it first"):
+        measure_speed(model, device="cuda")
+
+
+def test_compare_speed_ratios():
+    dense = {"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 10.0, "weight_bytes": 1000,
+             "peak_rss_bytes": 4000, "peak_rss_increase_bytes": 0}
+    compressed = {"prefill_tokens_per_s": 150.0, "decode_tokens_per_s": 12.0, "weight_bytes": 600,
+                  "peak_rss_bytes": 3000, "peak_rss_increase_bytes": 10}
+    assert compare_speed(dense, compressed) == {
+        "prefill_speedup": 1.5,
+        "decode_speedup": pytest.approx(1.2),
+        "weight_bytes_ratio": 0.6,
+        "peak_rss_ratio": 0.75,
+        "peak_rss_increase_ratio": None,  # dense value 0: no ratio
+    }
+    compressed["peak_rss_bytes"] = None  # not measurable on that platform
+    assert compare_speed(dense, compressed)["peak_rss_ratio"] is None
