@@ -126,6 +126,9 @@ def test_missing_data_folder_lists_what_was_tried(monkeypatch, tmp_path):
         zeroshot.resolve_zeroshot_dir(tmp_path)
     with pytest.raises(ConfigError, match="no offline config"):
         load_local_docs("lambada", tmp_path)
+    (tmp_path / "zeroshot" / "piqa").mkdir(parents=True)
+    with pytest.raises(DataNotFoundError, match="piqa: cannot read the local data"):
+        load_local_docs("piqa", tmp_path)
 
 
 @needs_data
@@ -271,7 +274,9 @@ def tiny_lm():
     backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -373,10 +378,10 @@ def test_evaluate_zeroshot_summary(tiny_lm):
 @needs_data
 @pytest.mark.real_model
 def test_smollm2_is_above_chance_on_arc_easy_and_piqa(smollm2):
-    """Dense SmolLM2-135M on the first 50 items; chance is about 0.25 (ARC-Easy) and 0.5 (PIQA)."""
+    """Dense SmolLM2-135M on the first 50 items (measured: ARC-Easy 0.46, PIQA 0.68 with lm-eval 0.4.13);
+    chance is about 0.25 and 0.5."""
     _lm_eval()
     model, tokenizer = smollm2
     result = evaluate_zeroshot(model, tokenizer, ["arc_easy", "piqa"], limit=50, source="local", data_dir=DATA)
-    print({task: metrics["acc"] for task, metrics in result["tasks"].items()})
     assert result["tasks"]["arc_easy"]["acc"] > 0.35
     assert result["tasks"]["piqa"]["acc"] > 0.55

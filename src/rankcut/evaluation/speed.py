@@ -98,7 +98,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _random_ids(model, tokenizer, length: int, seed: int) -> torch.Tensor:
+def _random_ids(model: torch.nn.Module, tokenizer: Any, length: int, seed: int) -> torch.Tensor:
     """``length`` seeded random token ids, avoiding the tokenizer's special tokens when it is given."""
     vocab = model.get_input_embeddings().num_embeddings
     special = set(getattr(tokenizer, "all_special_ids", None) or [])
@@ -115,7 +115,7 @@ def _synchronize(device: torch.device) -> None:
 
 @torch.inference_mode()
 def _prefill_and_decode(
-    model, ids: torch.Tensor, decode_tokens: int, last_logits_only: bool
+    model: torch.nn.Module, ids: torch.Tensor, decode_tokens: int, last_logits_only: bool
 ) -> tuple[float, float, torch.Tensor]:
     """Seconds for the prefill forward and for ``decode_tokens`` greedy cached steps after it, and the
     ``decode_tokens + 1`` greedy tokens produced (the first by the prefill)."""
@@ -137,8 +137,8 @@ def _prefill_and_decode(
 
 
 def measure_speed(
-    model,
-    tokenizer=None,
+    model: torch.nn.Module,
+    tokenizer: Any = None,
     *,
     prompt_tokens: int = 512,
     decode_tokens: int = 32,

@@ -24,16 +24,19 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .._settings import data_dirs
 from ..errors import ConfigError, DataNotFoundError, RankcutError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "openbookqa", "boolq", "mathqa")
-#: The metric averaged over tasks. Papers (SVD-LLM, ASVD, ...) average plain accuracy, not acc_norm.
+#: The metric averaged over tasks: low-rank compression papers report the mean of plain accuracy.
 AVERAGED_METRIC = "acc"
 SOURCES = ("auto", "local", "hub")
 
@@ -84,7 +87,10 @@ def _piqa(folder: Path) -> list[Doc]:
     labels = _read_lines(folder / "valid-labels.lst")
     if len(items) != len(labels):
         raise DataNotFoundError(f"{folder}: {len(items)} PIQA items but {len(labels)} labels")
-    return [{"goal": i["goal"], "sol1": i["sol1"], "sol2": i["sol2"], "label": int(lab)} for i, lab in zip(items, labels)]
+    return [
+        {"goal": item["goal"], "sol1": item["sol1"], "sol2": item["sol2"], "label": int(label)}
+        for item, label in zip(items, labels)
+    ]
 
 
 def _split_hellaswag_context(context: str) -> tuple[str, str]:
@@ -143,7 +149,9 @@ def _winogrande(folder: Path) -> list[Doc]:
     for record, label in zip(records, labels):
         first, second = record["context_options"]
         if int(label) - 1 != record["gold"]:
-            raise DataNotFoundError(f"{records_path}: gold {record['gold']} disagrees with label {label} in {labels_path.name}")
+            raise DataNotFoundError(
+                f"{records_path}: gold {record['gold']} disagrees with label {label} in {labels_path.name}"
+            )
         common = os.path.commonprefix([first, second])
         prefix = common[: common.rfind(" ") + 1] if not common.endswith(" ") else common
         docs.append({
@@ -174,8 +182,13 @@ def _openbookqa(folder: Path) -> list[Doc]:
 def _boolq(folder: Path) -> list[Doc]:
     """SuperGLUE val.jsonl (label stored as "true"/"false" in this copy) -> super_glue/boolq (0/1)."""
     return [
-        {"question": i["question"], "passage": i["passage"], "idx": i["idx"], "label": int(str(i["label"]).lower() == "true")}
-        for i in _read_jsonl(folder / "val.jsonl")
+        {
+            "question": item["question"],
+            "passage": item["passage"],
+            "idx": item["idx"],
+            "label": int(str(item["label"]).lower() == "true"),
+        }
+        for item in _read_jsonl(folder / "val.jsonl")
     ]
 
 
@@ -224,7 +237,10 @@ def load_local_docs(task: str, data_dir: str | os.PathLike | None = None) -> lis
     folder = resolve_zeroshot_dir(data_dir) / subfolder
     if task in _FULL_FILES and not (folder / _FULL_FILES[task]).is_file():
         logger.warning("%s: only the 100-item sample is available locally; its accuracy is indicative only", task)
-    return convert(folder)
+    try:
+        return convert(folder)
+    except (OSError, KeyError, ValueError) as error:
+        raise DataNotFoundError(f"{task}: cannot read the local data in {folder}: {error!r}") from error
 
 
 # ------------------------------------------------------------------ lm-eval plumbing
@@ -319,8 +335,8 @@ def _task_metrics(results: dict, n_samples: dict) -> dict[str, float | int]:
 
 
 def evaluate_zeroshot(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[str] = DEFAULT_TASKS,
     *,
     limit: int | None = None,
@@ -337,7 +353,8 @@ def evaluate_zeroshot(
     Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}},
     "average_acc", "averaged_metric": "acc", "source", "limit", "lm_eval_version"}``; ``acc_norm`` is
     absent for tasks the harness scores with ``acc`` only (WinoGrande, BoolQ). ``average_acc`` is the
-    unweighted mean of ``acc`` over the tasks, as papers report it.
+    unweighted mean of ``acc`` over the tasks (papers average acc, not acc_norm); hub tasks without
+    ``acc`` are left out of it.
     """
     tasks = list(tasks)
     if not tasks:
@@ -350,10 +367,10 @@ def evaluate_zeroshot(
         raw = _run(model, tokenizer, tasks, None, limit, batch_size, seed)
 
     per_task = {task: _task_metrics(raw["results"][task], raw["n-samples"][task]) for task in tasks}
-    accuracies = [per_task[task][AVERAGED_METRIC] for task in tasks]
+    accuracies = [metrics[AVERAGED_METRIC] for metrics in per_task.values() if AVERAGED_METRIC in metrics]
     return {
         "tasks": per_task,
-        "average_acc": math.fsum(accuracies) / len(accuracies),
+        "average_acc": math.fsum(accuracies) / len(accuracies) if accuracies else None,
         "averaged_metric": AVERAGED_METRIC,
         "source": chosen,
         "limit": limit,
@@ -361,22 +378,37 @@ def evaluate_zeroshot(
     }
 
 
-def _run(model, tokenizer, tasks: list[str], task_manager, limit: int | None, batch_size: int, seed: int) -> dict:
-    """One ``simple_evaluate`` call on the wrapped model, with every seed set to ``seed``."""
+def _run(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    task_manager: Any,
+    limit: int | None,
+    batch_size: int,
+    seed: int,
+) -> dict:
+    """One ``simple_evaluate`` call on the wrapped model, with every seed set to ``seed``.
+
+    HFLM switches the model to eval mode; its previous mode is restored afterwards.
+    """
     lm_eval = _import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    raw = lm_eval.evaluator.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        task_manager=task_manager,
-        limit=limit,
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    was_training = model.training
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        raw = lm_eval.evaluator.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            task_manager=task_manager,
+            limit=limit,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    finally:
+        model.train(was_training)
     raw["lm_eval_version"] = getattr(lm_eval, "__version__", "unknown")
     return raw
