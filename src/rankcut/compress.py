@@ -22,6 +22,7 @@ from typing import Any, Iterator, Literal, Mapping
 import torch
 from torch import nn
 
+from ._settings import cache_dir
 from .allocation import AllocationContext, create_allocator
 from .calibration import BlockRun, BlockStream, InputStatistics
 from .data import load_text, sample_calibration
@@ -236,7 +237,8 @@ def compress(
     with _phase(timings, "allocate"):
         context = AllocationContext(budget, targets, spectra, model if allocator.needs_model else None, calibration,
                                     seed=config.calibration.seed, show_progress=show_progress,
-                                    output_dir=Path(output_dir) if output_dir else None)
+                                    output_dir=Path(output_dir) if output_dir else None,
+                                    cache_dir=cache_dir() / "allocators")
         plan = allocator.allocate(context)
 
     with _phase(timings, "factorize"):
