@@ -89,3 +89,19 @@ def test_info_lists_targets(tiny_folder):
     result = run_cli("info", "--model", str(tiny_folder))
     assert result.returncode == 0, result.stderr
     assert "LlamaForCausalLM" in result.stdout and "model.layers.0.mlp.down_proj" in result.stdout
+
+
+def test_eval_writes_json_and_markdown(tiny_folder, tmp_path, data_dir):
+    out = tmp_path / "compressed"
+    assert run_cli("compress", "--model", str(tiny_folder), "--keep", "0.6", "--calib", "wikitext2", "--nsamples", "4",
+                   "--seqlen", "32", "--out", str(out), "--data-dir", str(data_dir)).returncode == 0
+    result = run_cli("eval", "--model", str(out), "--ppl", "wikitext2", "--ppl", "c4", "--max-windows", "2",
+                     "--seqlen", "32", "--speed", "--baseline", str(tiny_folder), "--data-dir", str(data_dir),
+                     "--out", str(tmp_path / "res"))
+    assert result.returncode == 0, result.output
+    results = json.loads((tmp_path / "res.json").read_text())
+    assert set(results["perplexity"]) == {"wikitext2", "c4"}
+    assert results["perplexity"]["c4"]["split"] == "validation"
+    assert results["speed"]["prefill_tokens_per_s"] > 0 and results["speed_ratio"]
+    assert "| wikitext2 | test |" in (tmp_path / "res.md").read_text()
+    assert run_cli("eval", "--model", str(out)).returncode == 2

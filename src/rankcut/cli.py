@@ -110,6 +110,14 @@ def ppl(
         json_out.write_text(json.dumps({"model": model, **result.to_dict()}, indent=2))
 
 
+def _base_model_of(model) -> str | None:
+    """The dense model an artifact was compressed from, as recorded in its settings."""
+    from .artifacts import RankcutConfig
+
+    config = getattr(model.config, "quantization_config", None)
+    return config.settings.get("base_model") if isinstance(config, RankcutConfig) else None
+
+
 def _load_any(spec: str, dtype: str, device: str):
     from .artifacts import MANIFEST, load
     from .models import load_model
@@ -161,6 +169,42 @@ def compress(
     path = save(compressed, tokenizer, out_dir, report, base_model=model, overwrite=overwrite)
     out.print(_table(f"rankcut compress {model} -> {path}", report.summary_rows()))
     console.print(f"full report: {path / 'rankcut_report.md'} and {path / 'rankcut_report.json'}")
+
+
+@app.command("eval")
+@_friendly_errors
+def evaluate(
+    model: ModelOption = "smollm2-135m",
+    ppl_datasets: Annotated[list[str], typer.Option("--ppl", help="wikitext2, ptb, c4 or a file; repeatable")] = [],
+    zeroshot: Annotated[Optional[str], typer.Option(help="comma-separated tasks, or 'all'")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="zero-shot items per task (quick look)")] = None,
+    speed: Annotated[bool, typer.Option(help="prefill/decode tokens/s, memory and bytes")] = False,
+    baseline: Annotated[Optional[str], typer.Option(help="dense model to compare speed against (default: an artifact's base model)")] = None,
+    seqlen: int = 512,
+    max_windows: Optional[int] = None,
+    data_dir: DataDirOption = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    out_path: Annotated[Path, typer.Option("--out", help="results path stem: writes .json and .md")] = Path("rankcut-eval"),
+) -> None:
+    """Evaluate a model or an artifact: any mix of perplexity, zero-shot tasks and speed."""
+    from .evaluation.suite import EvaluationPlan, results_markdown, run_evaluation, write_results
+    from .evaluation.zeroshot import DEFAULT_TASKS
+
+    tasks = list(DEFAULT_TASKS) if zeroshot == "all" else [t for t in (zeroshot or "").split(",") if t]
+    if not (ppl_datasets or tasks or speed):
+        raise RankcutError("nothing to evaluate: pass --ppl, --zeroshot and/or --speed")
+    loaded, tokenizer = _load_any(model, dtype, device)
+    dense = None
+    if speed:
+        base = baseline or _base_model_of(loaded)
+        dense = _load_any(base, dtype, device) if base else None
+    plan = EvaluationPlan(ppl_datasets, seqlen, max_windows, tasks, limit, speed, str(data_dir) if data_dir else None,
+                          extra={"model": model})
+    results = run_evaluation(loaded, tokenizer, plan, baseline=dense)
+    json_path, md_path = write_results(results, out_path)
+    out.print(results_markdown(results))
+    console.print(f"results: {json_path} and {md_path}")
 
 
 @app.command()

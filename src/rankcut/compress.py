@@ -29,6 +29,7 @@ from .data import load_text, sample_calibration
 from .decomposition import Spectrum, whitened_svd
 from .errors import ConfigError, FactorizationError
 from .evaluation.perplexity import model_context_length
+from .evaluation.speed import weight_bytes
 from .layers import LowRankLinear, PivGaLinear
 from .plan import DENSE, FACTOR_FORMATS, Budget, RankPlan
 from .progress import progress_bar
@@ -139,10 +140,6 @@ def _peak_memory_bytes() -> int:
     return peak
 
 
-def _weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def _factor_params(module: nn.Module) -> int:
     """Stored numbers of a (possibly factorized) target module, bias excluded."""
     return sum(p.numel() for name, p in module.named_parameters() if name != "bias")
@@ -214,7 +211,7 @@ def compress(
     budget = Budget({t.name: t.shape for t in targets}, config.keep_ratio, config.factor_format)
     allocator = create_allocator(config.allocator, config.allocator_options)
     decomposer = _Decomposer(model, config.whitening, config.whitening_options)
-    dense_params, dense_bytes = sum(p.numel() for p in model.parameters()), _weight_bytes(model)
+    dense_params, dense_bytes = sum(p.numel() for p in model.parameters()), weight_bytes(model)
     needs_data = config.whitening != "none" or allocator.needs_model
 
     if needs_data and calibration is None:
@@ -302,5 +299,5 @@ def _measure(model, targets, budget, plan, dense_params, dense_bytes) -> dict[st
         "model_params_dense": dense_params,
         "model_params": sum(p.numel() for p in model.parameters()),
         "weight_bytes_dense": dense_bytes,
-        "weight_bytes": _weight_bytes(model),
+        "weight_bytes": weight_bytes(model),
     }
