@@ -1,0 +1,453 @@
+"""FermiGrad (METHODS §4) and Dobi-SVD's differentiable truncation: one continuous rank per module,
+learned through a Fermi-function gate on the module's frozen whitened SVD.
+
+**Gate.** Module ``l`` with whitened SVD ``W = Σ_i σ_i u_i Bfull_i`` (i = 1..r) runs, through
+:class:`SpectralLinear`, ``W(μ, T) = Σ_i f_i σ_i u_i Bfull_i`` with
+``f_i = 1/(exp((i − μ_l)/T) + 1) = sigmoid((μ_l − i)/T)``. As ``T → 0`` this is the rank-``⌊μ⌋``
+truncation, so ``μ`` is a continuous rank. Only ``μ`` trains (Adam, lr in rank units); weights and
+factors are frozen and no weight is rebuilt per step. Dobi-SVD's mask ``½ tanh(β(γ − i)) + ½`` is the
+same function at ``T = 1/(2β)``, so both allocators share this module's gate and training loop:
+FermiGrad anneals ``T`` and holds the budget exactly; Dobi keeps ``T`` fixed and penalises the ratio.
+
+**Gradient and signs.** With ``G = ∂L/∂W`` at the gated weight, ``∂L/∂g_i = σ_i u_iᵀ G Bfull_iᵀ``.
+ZS-SVD's score of removing component ``i`` is ``ΔL_i = −∂L/∂g_i`` (``> 0``: removal is predicted to
+raise the loss). With ``∂f_i/∂μ = f_i(1 − f_i)/T`` the chain rule gives
+``∂L/∂μ = −(1/T) Σ_i f_i(1 − f_i) ΔL_i``: a Fermi-window average of ZS-SVD scores around the rank
+boundary. tests/test_fermi.py checks this against finite differences and against ``G`` from a dense copy.
+
+**Budget.** Soft rank ``N_l = Σ_i f_i`` (over all ``r`` components), soft cost
+``min(N(m+n) [− N² for PivGa], mn)``: a module whose soft cost reaches dense is capped, and its readout
+``⌊μ⌋`` then sits at or past break-even, i.e. dense. ``budget_mode="shift"`` (FermiGrad's default) adds
+one global ``δ`` to every ``μ`` after each optimizer step, found by bisection, so the soft cost equals
+the budget at the temperature of the next forward (the soft cost is continuous and non-decreasing in
+``δ``). ``"penalty"`` adds ``penalty · |R_soft − ρ|`` to the loss (Dobi-SVD's form, λ = 200 there).
+``μ`` is kept in ``[1, r + 1]`` (Dobi: a box penalty; here a clamp inside the bisection).
+
+**Readout.** ``k = ⌊μ⌋`` (past the last useful rank: dense). FermiGrad then removes components, least
+predicted loss per saved parameter first, until the plan fits, and :meth:`Budget.fill` spends what is
+left, most predicted loss per parameter first. Dobi rescales proportionally (:meth:`Budget.rescale`).
+The prediction is ``ΔL_i`` averaged over the last quarter of training (low ``T``, ``μ`` near its final
+value; the gate gradient exists for every component in the window, on both sides of the boundary);
+components never inside a window count 0. ``fill_priority="energy"`` uses ``σ_i²`` instead.
+
+**Gate window (exact to float precision).** For ``i > μ``, ``f_i < exp(−(i − μ)/T)``, so the gate mass
+past ``w`` is ``Σ_{i>w} f_i < exp(−(w − μ)/T) / (exp(1/T) − 1) ≤ T exp(−(w − μ)/T)``. With
+``w = ⌈μ + T log(2T/ε)⌉`` (``ε`` the compute dtype's machine epsilon) it is below ``ε/2``, under the
+rounding of the kept leading terms (gates ≈ 1, larger ``σ``), and the dropped gradient terms
+``f(1−f)/T`` are as small. So a layer computes ``w ≈ μ + T(16.6 + log T)`` components (float32) instead
+of ``r``: full width early (``T₀`` a few percent of ``r``), ``μ + 5`` at ``T = 0.3``. Costs always
+sum all ``r`` components. Saturated gates (``f = 1``) are not detached: they cost no extra matmul.
+
+Cost per step: one forward and backward of the gated model (each target ``w(m+n)`` multiply-adds per
+token, vs ``mn`` dense), plus a dense forward for ``objective="kl"``, plus a recompute with
+``checkpointing``. Memory: the frozen model plus ``r(m+n)`` factor numbers per target.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ConfigError
+from ..plan import DENSE, Budget, Rank, RankPlan
+from ..progress import progress_bar
+from ..registry import PluginConfig
+from .base import ALLOCATORS, AllocationContext, Allocator
+from .baselines import uniform_rank
+from .spectral import SpectralLinear, batches, gradient_checkpointing, language_model_loss, spectral_view
+
+SCORE_FRACTION = 0.25  # ΔL_i for the readout is averaged over this last fraction of the steps
+
+
+@dataclass
+class FermiTrainingConfig(PluginConfig):
+    """Options shared by ``fermigrad`` and ``dobi``."""
+
+    steps: int = 150  # Adam steps on μ; SmolLM2-135M, 2 x 256 tokens: 8.5-15 s/step measured on one busy
+    #                   core, ≈ 27 min for fermigrad (full gate width early), ≈ 22 min for dobi
+    batch_size: int = 2  # calibration windows per step
+    seqlen: int | None = 256  # train on the first seqlen tokens of each window (None: whole windows)
+    lr: float = 2.0  # Adam on μ, in rank units per step
+    objective: Literal["ce", "kl"] = "ce"  # next-token CE, or KL(dense ‖ gated) (one more forward per step)
+    fill_priority: Literal["gradient", "energy"] = "gradient"  # readout repair/fill by ΔL_i or σ_i²
+    checkpointing: bool = False  # recompute each decoder block in backward (less memory, ≈ +1 forward)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise ConfigError(f"seqlen must be >= 2 or none, got {self.seqlen}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class FermiGradConfig(FermiTrainingConfig):
+    t_start: float = 0.05  # initial temperature, as a fraction of each module's full rank r
+    t_end: float = 0.3  # final temperature in rank units (< 1: the relaxed model ≈ the truncated one)
+    budget_mode: Literal["shift", "penalty"] = "shift"  # exact global μ shift, or penalty · |R − ρ|
+    penalty: float = 200.0  # weight of |R_soft − ρ| in budget_mode="penalty"
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.t_start <= 1:
+            raise ConfigError(f"fermigrad t_start (fraction of r) must be in (0, 1], got {self.t_start}")
+        if not 0 < self.t_end < 1:
+            raise ConfigError(f"fermigrad t_end must be in (0, 1) rank units (the relaxed model must end "
+                              f"close to the truncated one), got {self.t_end}")
+        if not (math.isfinite(self.penalty) and self.penalty >= 0):
+            raise ConfigError(f"fermigrad penalty must be >= 0, got {self.penalty}")
+
+
+@dataclass
+class DobiConfig(FermiTrainingConfig):
+    beta: float = 10.0  # tanh sharpness (Dobi-SVD: 10, i.e. T = 0.05)
+    penalty: float = 200.0  # weight of |R_soft − ρ| (Dobi-SVD: 200)
+
+    def validate(self) -> None:
+        super().validate()
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"dobi beta must be > 0, got {self.beta}")
+        if not (math.isfinite(self.penalty) and self.penalty >= 0):
+            raise ConfigError(f"dobi penalty must be >= 0, got {self.penalty}")
+
+
+class FermiSystem:
+    """The continuous ranks of all target modules, packed as rows of an ``L x r_max`` float64 grid
+    (component ``i`` of module ``l`` at ``[l, i−1]``; entries past ``r_l`` masked), with their
+    occupations, soft costs, budget shift, gate widths and readout."""
+
+    def __init__(self, budget: Budget, device: torch.device | str = "cpu") -> None:
+        self.budget = budget
+        self.names = list(budget.shapes)
+        shapes = [budget.shapes[name] for name in self.names]
+        options = dict(dtype=torch.float64, device=device)
+        self.full = torch.tensor([min(m, n) for m, n in shapes], **options)
+        self.index = torch.arange(1, int(self.full.max()) + 1, **options)
+        self.valid = self.index[None, :] <= self.full[:, None]
+        self.width = torch.tensor([m + n for m, n in shapes], **options)  # m + n
+        self.dense = torch.tensor([m * n for m, n in shapes], **options)
+        self.pivga = budget.factor_format == "pivga"
+        self.low = torch.ones_like(self.full)
+        self.high = self.full + 1
+
+    def uniform(self) -> torch.Tensor:
+        """μ at the uniform plan's ranks (the SVD-LLM baseline), the starting point of training."""
+        ranks = [max(1, uniform_rank(*self.budget.shapes[name], self.budget.keep_ratio, self.budget.factor_format))
+                 for name in self.names]
+        return torch.tensor(ranks, dtype=torch.float64, device=self.full.device).clamp(self.low, self.high)
+
+    def occupations(self, mu: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """``f[l, i−1] = sigmoid((μ_l − i)/T_l)``, 0 past each module's ``r``."""
+        f = torch.sigmoid((mu[:, None] - self.index[None, :]) / temperature[:, None])
+        return f * self.valid
+
+    def soft_costs(self, mu: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """``min(N(m+n) [− N²], mn)`` per module with ``N = Σ_i f_i``: capped at dense."""
+        n = self.occupations(mu, temperature).sum(1)
+        cost = n * self.width - (n * n if self.pivga else 0)
+        return torch.minimum(cost, self.dense)
+
+    def soft_ratio(self, mu: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        return self.soft_costs(mu, temperature).sum() / self.budget.dense_total
+
+    def clamp(self, mu: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(torch.maximum(mu, self.low), self.high)
+
+    def shift_to_budget(self, mu: torch.Tensor, temperature: torch.Tensor, iterations: int = 64) -> torch.Tensor:
+        """``clamp(μ + δ)`` with the global ``δ`` (bisection) at which the soft cost meets the budget
+        from below; the ends of the range if the budget is out of reach."""
+        mu = mu.detach()
+        target = float(self.budget.target)
+
+        def total(delta: float) -> float:
+            return float(self.soft_costs(self.clamp(mu + delta), temperature).sum())
+
+        low, high = float((self.low - mu).min()), float((self.high - mu).max())
+        if total(high) <= target:
+            return self.clamp(mu + high)
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            low, high = (middle, high) if total(middle) <= target else (low, middle)
+        return self.clamp(mu + low)
+
+    def gate_widths(self, mu: torch.Tensor, temperature: torch.Tensor, eps: float) -> list[int]:
+        """``w = ⌈μ + T log(2T/ε)⌉`` in ``[1, r]``: the gate mass past ``w`` is below ``ε/2``
+        (module docstring)."""
+        reach = temperature * torch.log(2 * temperature / eps).clamp(min=0)
+        widths = torch.minimum(torch.ceil(mu.detach() + reach), self.full).clamp(min=1)
+        return [int(w) for w in widths.tolist()]
+
+    def readout(self, mu: torch.Tensor) -> dict[str, Rank]:
+        """``k = ⌊μ⌋`` in ``[1, r]``; at or past the last useful rank: dense."""
+        ranks = torch.minimum(torch.floor(mu.detach().to(self.full.device)), self.full).clamp(min=1)
+        return {name: self.budget.normalize(name, int(k)) for name, k in zip(self.names, ranks.tolist())}
+
+
+def apply_gates(layers: list[SpectralLinear], occupations: torch.Tensor, widths: list[int]) -> None:
+    """Gate each layer with the first ``w`` occupations of its row (views: gradients reach the grid)."""
+    for layer, row, width in zip(layers, occupations, widths):
+        layer.gate = row[:width]
+
+
+def kl_to_dense(model: nn.Module, batch: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean per-token ``KL(p_dense ‖ p_gated)``; ``reference`` holds the dense log-probabilities."""
+    logits = model(input_ids=batch.to(reference.device), use_cache=False).logits.float()
+    return F.kl_div(logits.log_softmax(-1).flatten(0, 1), reference.flatten(0, 1), log_target=True,
+                    reduction="batchmean")
+
+
+def dense_log_probs(model: nn.Module, layers: list[SpectralLinear], batch: torch.Tensor) -> torch.Tensor:
+    """The dense model's log-probabilities (gates unset), recomputed per batch: storing them for the
+    whole calibration set would take ``tokens x vocab`` floats."""
+    for layer in layers:
+        layer.gate = None
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(input_ids=batch.to(device), use_cache=False).logits.float().log_softmax(-1)
+
+
+@dataclass
+class TrainingResult:
+    mu: torch.Tensor  # final continuous ranks (float64, CPU)
+    scores: torch.Tensor  # ΔL_i estimates, L x r_max (0 where never measured)
+    curve: list[dict[str, float]]
+    seconds: float
+    soft_ratio: float  # soft cost / dense at the final μ and temperature
+
+
+def train_ranks(context: AllocationContext, system: FermiSystem, mu: torch.Tensor,
+                temperature: Callable[[int], torch.Tensor], config: FermiTrainingConfig,
+                budget_mode: Literal["shift", "penalty"], penalty: float, label: str) -> TrainingResult:
+    """Adam on ``μ`` through the Fermi gates; the budget is held by the global shift or the penalty."""
+    model, budget = context.model, context.budget
+    if model is None or context.calibration is None:
+        raise ConfigError(f"{label} trains on calibration text: it needs the model and calibration token ids")
+    dtype = next(model.parameters()).dtype
+    eps = torch.finfo(dtype).eps
+    windows = context.calibration if config.seqlen is None else context.calibration[:, : config.seqlen]
+    stream = batches(windows, min(config.batch_size, windows.shape[0]), context.seed)
+    mu = system.clamp(mu.to(system.full.device)).requires_grad_()
+    optimizer = torch.optim.Adam([mu], lr=config.lr)
+    score_sum = torch.zeros_like(system.valid, dtype=torch.float64)
+    score_count = torch.zeros_like(score_sum)
+    first_scored = config.steps - max(1, math.ceil(SCORE_FRACTION * config.steps))
+    full_flops = float((system.full * system.width).sum())
+    curve: list[dict[str, float]] = []
+    start = time.perf_counter()
+    with (spectral_view(model, context.targets, context.spectra) as views,
+          gradient_checkpointing(model, config.checkpointing),
+          progress_bar(f"{label}: train ranks", config.steps, enabled=context.show_progress) as advance):
+        layers = [views[name] for name in system.names]
+        for step in range(config.steps):
+            temp = temperature(step)
+            if budget_mode == "shift":
+                with torch.no_grad():
+                    mu.copy_(system.shift_to_budget(mu, temp))
+            batch = next(stream)
+            reference = dense_log_probs(model, layers, batch) if config.objective == "kl" else None
+            occupations = system.occupations(mu, temp)
+            occupations.retain_grad()
+            widths = system.gate_widths(mu, temp, eps)
+            apply_gates(layers, occupations, widths)
+            task = language_model_loss(model, batch) if reference is None else kl_to_dense(model, batch, reference)
+            ratio = system.soft_ratio(mu, temp)
+            loss = task + penalty * (ratio - budget.keep_ratio).abs() if budget_mode == "penalty" else task
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gated = torch.tensor(widths, dtype=torch.float64, device=mu.device)
+            if step >= first_scored:
+                seen = system.index[None, :] <= gated[:, None]
+                score_sum -= occupations.grad * seen
+                score_count += seen
+            optimizer.step()
+            with torch.no_grad():
+                mu.copy_(system.clamp(mu))
+            width = float((gated * system.width).sum()) / full_flops
+            point = {"step": step, "loss": task.item(), "ratio": ratio.item(), "T_max": float(temp.max()),
+                     "hard_ratio": budget.total(system.readout(mu)) / budget.dense_total, "gate_width": width}
+            curve.append(point)
+            advance(loss=point["loss"], ratio=point["ratio"], hard=point["hard_ratio"], T=point["T_max"])
+        for layer in layers:
+            layer.gate = None
+    final, temp = mu.detach(), temperature(config.steps - 1)
+    if budget_mode == "shift":
+        final = system.shift_to_budget(final, temp)
+    scores = torch.where(score_count > 0, score_sum / score_count.clamp(min=1), 0.0)
+    return TrainingResult(final.cpu(), scores.cpu(), curve, time.perf_counter() - start,
+                          float(system.soft_ratio(final, temp)))
+
+
+class ComponentValues:
+    """Predicted loss increase from dropping components, per module: ``ΔL_i`` (or ``σ_i²``) summed
+    over ranges through tail sums, shared by the over-budget repair and :meth:`Budget.fill`."""
+
+    def __init__(self, budget: Budget, values: dict[str, torch.Tensor]) -> None:
+        self.budget = budget
+        zero = torch.zeros(1, dtype=torch.float64)
+        self.tails = {name: torch.cat([v.double().flip(0).cumsum(0).flip(0), zero]).tolist() for name, v in values.items()}
+
+    def _held(self, name: str, rank: Rank) -> int:
+        return len(self.tails[name]) - 1 if rank == DENSE else int(rank)
+
+    def per_parameter(self, name: str, low: Rank, high: Rank) -> float:
+        """Predicted loss of going from ``high`` down to ``low``, per parameter saved."""
+        tail = self.tails[name]
+        loss = tail[self._held(name, low)] - tail[self._held(name, high)]
+        return loss / (self.budget.cost(name, high) - self.budget.cost(name, low))
+
+    def priority(self, name: str, rank: int) -> float:
+        return self.per_parameter(name, rank, self.budget.next_rank(name, rank))
+
+    def remove_over_budget(self, ranks: dict[str, Rank]) -> tuple[dict[str, Rank], int]:
+        """Step modules down, least loss per saved parameter first, until the plan fits."""
+        budget, ranks = self.budget, dict(ranks)
+        total = budget.total(ranks)
+
+        def step_down(rank: Rank, name: str) -> Rank | None:
+            return budget.max_rank(name) if rank == DENSE else (rank - 1 if rank > 1 else None)
+
+        heap = [(self.per_parameter(name, low, rank), name) for name, rank in ranks.items()
+                if (low := step_down(rank, name)) is not None]
+        heapq.heapify(heap)
+        removed = 0
+        while total > budget.target:
+            if not heap:
+                raise ConfigError(f"budget {budget.target} is below the cost of rank 1 in every module ({total})")
+            _, name = heapq.heappop(heap)
+            low = step_down(ranks[name], name)
+            total += budget.cost(name, low) - budget.cost(name, ranks[name])
+            ranks[name], removed = low, removed + 1
+            if (lower := step_down(low, name)) is not None:
+                heapq.heappush(heap, (self.per_parameter(name, lower, low), name))
+        return ranks, removed
+
+
+class _FermiAllocator(Allocator):
+    """Common training, readout priority and reporting of the Fermi-gate allocators."""
+
+    needs_model = True
+    config: FermiTrainingConfig
+
+    def __init__(self, config: FermiTrainingConfig) -> None:
+        super().__init__(config)
+        self._values: ComponentValues | None = None
+
+    @abstractmethod
+    def temperatures(self, system: FermiSystem) -> Callable[[int], torch.Tensor]:
+        """Per-module temperatures (float64, on the system's device) at each step."""
+
+    def _train(self, context: AllocationContext, budget_mode: Literal["shift", "penalty"],
+               penalty: float) -> tuple[FermiSystem, TrainingResult]:
+        device = next(context.model.parameters()).device if context.model is not None else "cpu"
+        system = FermiSystem(context.budget, device)
+        result = train_ranks(context, system, system.uniform(), self.temperatures(system), self.config,
+                             budget_mode, penalty, self.name)
+        self._values = self._component_values(context, result)
+        return system, result
+
+    def _component_values(self, context: AllocationContext, result: TrainingResult | None) -> ComponentValues:
+        shapes = context.budget.shapes
+        if result is None or self.config.fill_priority == "energy":
+            values = {name: context.spectra[name].sigma.double().square() for name in shapes}
+        else:
+            values = {name: result.scores[row, : min(shapes[name])] for row, name in enumerate(shapes)}
+        return ComponentValues(context.budget, values)
+
+    def priority(self, context: AllocationContext):
+        """Restore first the components predicted to lower the loss most per parameter (energy per
+        parameter before training or with ``fill_priority="energy"``)."""
+        return (self._values or self._component_values(context, None)).priority
+
+    def _info(self, context: AllocationContext, result: TrainingResult, trained: dict[str, Rank],
+              ranks: dict[str, Rank], **extra: Any) -> dict[str, Any]:
+        budget, curve = context.budget, result.curve
+        span = max(1, len(curve) // 10)  # single-batch losses are noisy: means over a tenth of the steps
+
+        def mean(points: list[dict[str, float]], key: str) -> float:
+            return sum(p[key] for p in points) / len(points)
+
+        keys = ("loss", "ratio", "hard_ratio", "gate_width")
+        thin = curve[:: max(1, len(curve) // 25)]
+        windows, seconds = tuple(context.calibration.shape), result.seconds  # type: ignore[union-attr]
+        tokens = min(self.config.batch_size, windows[0]) * min(self.config.seqlen or windows[1], windows[1])
+        info: dict[str, Any] = {
+            "settings": {**self.config.to_dict(), "windows": list(windows), "tokens_per_step": tokens},
+            "training": {"steps": len(curve), "seconds": seconds, "seconds_per_step": seconds / len(curve),
+                         "first_loss": curve[0]["loss"], "last_loss": curve[-1]["loss"],
+                         **{f"{key}_start": mean(curve[:span], key) for key in keys},
+                         **{f"{key}_end": mean(curve[-span:], key) for key in keys},
+                         "curve": thin if thin[-1] is curve[-1] else [*thin, curve[-1]]},
+            "readout": {"soft_keep_ratio": result.soft_ratio,
+                        "trained_keep_ratio": budget.total(trained) / budget.dense_total,
+                        "final_keep_ratio": budget.total(ranks) / budget.dense_total,
+                        "trained_dense_modules": sum(rank == DENSE for rank in trained.values()),
+                        "dense_modules": sum(rank == DENSE for rank in ranks.values()),
+                        "mu": {name: round(v, 3) for name, v in zip(budget.shapes, result.mu.tolist())},
+                        **extra},
+        }
+        if context.output_dir is not None:
+            info["plot"] = self._plot(ranks, context)
+        return info
+
+    def _plot(self, ranks: dict[str, Rank], context: AllocationContext) -> str | None:
+        from ..plots import plot_ranks
+
+        budget, folder = context.budget, context.output_dir
+        assert folder is not None
+        plan = RankPlan(dict(ranks), dict(budget.shapes), budget.keep_ratio, budget.factor_format, self.name)
+        path = folder / f"{self.name}_ranks_keep{budget.keep_ratio:g}_{budget.factor_format}.png"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return str(plot_ranks(plan, path, title=f"{self.name} learned ranks"))
+        except ImportError:  # matplotlib is an optional extra
+            return None
+
+
+@ALLOCATORS.register("fermigrad", FermiGradConfig)
+class FermiGradAllocator(_FermiAllocator):
+    """FermiGrad: anneal ``T`` geometrically from ``t_start · r`` to ``t_end`` while the global shift
+    (or the penalty) holds the soft cost at the budget; read out ``⌊μ⌋``, repair and fill by ``ΔL``."""
+
+    config: FermiGradConfig
+
+    def temperatures(self, system: FermiSystem) -> Callable[[int], torch.Tensor]:
+        start = self.config.t_start * system.full
+        end = torch.full_like(start, self.config.t_end)
+        last = max(1, self.config.steps - 1)
+        return lambda step: start * (end / start) ** (step / last)
+
+    def allocate_ranks(self, context: AllocationContext) -> tuple[dict[str, Rank], dict[str, Any]]:
+        system, result = self._train(context, self.config.budget_mode, self.config.penalty)
+        trained = system.readout(result.mu)
+        assert self._values is not None
+        repaired, removed = self._values.remove_over_budget(trained)
+        ranks = context.budget.fill(repaired, self.priority(context))
+        return ranks, self._info(context, result, trained, ranks, repair_removed_steps=removed)
+
+
+@ALLOCATORS.register("dobi", DobiConfig)
+class DobiAllocator(_FermiAllocator):
+    """Dobi-SVD's differentiable truncation on the whitened weight SVDs: the tanh mask is the Fermi
+    gate at the fixed ``T = 1/(2β)``; the size ratio is a penalty; the readout is rescaled to the budget."""
+
+    config: DobiConfig
+
+    def temperatures(self, system: FermiSystem) -> Callable[[int], torch.Tensor]:
+        fixed = torch.full_like(system.full, 1.0 / (2.0 * self.config.beta))
+        return lambda step: fixed
+
+    def allocate_ranks(self, context: AllocationContext) -> tuple[dict[str, Rank], dict[str, Any]]:
+        system, result = self._train(context, "penalty", self.config.penalty)
+        trained = system.readout(result.mu)
+        ranks = context.budget.rescale(trained, self.priority(context))
+        return ranks, self._info(context, result, trained, ranks, temperature=1.0 / (2.0 * self.config.beta))

@@ -1,0 +1,194 @@
+"""``zerosum``: ZS-SVD's first-order scores and two-heap zero-sum selection (arXiv 2602.02848).
+
+**Score.** Removing whitened component ``i`` of a module changes the calibration loss, to first order,
+by ``ΔL_i = −σ_i u_iᵀ (G S⁻ᵀ) v_i = −σ_i u_iᵀ G Bfull_iᵀ`` (G: mean loss gradient w.r.t. the weight,
+``Bfull = Vᵀ S⁻¹``). In the gated view of ``spectral.py``, ``W(g) = Σ_i g_i σ_i u_i Bfull_i``, so
+``∂L/∂g_i`` at ``g = 1`` is ``σ_i u_iᵀ G Bfull_iᵀ``; removing ``i`` is the step ``g_i: 1 → 0``, hence
+``ΔL_i = −∂L/∂g_i``. One backward pass per calibration batch gives every score of every module.
+Sign convention (the paper's): ``ΔL_i > 0`` — removal is predicted to raise the loss; ``ΔL_i < 0`` —
+to lower it.
+
+**Selection** (as in ZS-SVD's code, ``selection_mode=zero_sum``). Every module offers only its smallest
+remaining component, so truncation stays spectrally ordered. The offers sit in two min-heaps keyed by
+``|ΔL|``: Q₊ (``ΔL ≥ 0``) and Q₋. With ``s`` the summed ``ΔL`` of the removals so far, pop from Q₊ when
+``s ≤ 0`` and from Q₋ otherwise (the other heap when the preferred one is empty), then offer that
+module's next component — the predicted loss change stays near zero while parameters are removed.
+A module saves nothing until its rank falls to break-even (``Budget.max_rank``); removal stops once the
+plan fits the budget, modules left above break-even stay dense, and :meth:`Budget.fill` spends the
+(sub-step) remainder on the components whose restoration is predicted to lower the loss the most per
+parameter. ``min_rank_ratio`` is ZS-SVD's per-module floor (``keep_rank_ratio``, fraction of break-even).
+
+Not implemented: ZS-SVD's optional truncate–correct–retruncate stages (a projected-gradient weight
+correction after truncation); this allocator only chooses ranks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..decomposition import Spectrum
+from ..errors import ConfigError
+from ..plan import DENSE, Budget, Rank
+from ..progress import progress_bar
+from ..registry import PluginConfig
+from ..targets import TargetModule
+from .base import ALLOCATORS, AllocationContext, Allocator
+from .spectral import gradient_checkpointing, language_model_loss, spectral_view
+
+
+@dataclass
+class ZeroSumConfig(PluginConfig):
+    windows: int | None = 32  # calibration rows for the mean gradient (None: all); ZS-SVD uses 256 x 2048 tokens
+    batch_size: int = 4
+    min_rank_ratio: float = 0.0  # rank floor as a fraction of the break-even rank (ZS-SVD: 0, 0.3 at 60% pruning)
+    gradient_checkpointing: bool = False  # recompute blocks in backward: bounds activation memory on big models
+
+    def validate(self) -> None:
+        if self.windows is not None and self.windows < 1:
+            raise ConfigError(f"zerosum windows must be >= 1 or none, got {self.windows}")
+        if self.batch_size < 1:
+            raise ConfigError(f"zerosum batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.min_rank_ratio <= 1.0:
+            raise ConfigError(f"zerosum min_rank_ratio must be in [0, 1], got {self.min_rank_ratio}")
+
+
+def component_scores(model: nn.Module, targets: list[TargetModule], spectra: Mapping[str, Spectrum],
+                     windows: torch.Tensor, batch_size: int, *, checkpointing: bool = False,
+                     advance: Callable[..., None] | None = None) -> dict[str, torch.Tensor]:
+    """``ΔL_i = −∂L/∂g_i`` at all-ones gates for every component of every target (float64), where L
+    is the mean next-token loss over ``windows`` (batches weighted by their size)."""
+    sums: dict[str, torch.Tensor] = {}
+    with spectral_view(model, targets, spectra) as layers, gradient_checkpointing(model, checkpointing):
+        device = next(model.parameters()).device
+        gates = {name: torch.ones(layer.full_rank, dtype=torch.float64, device=device, requires_grad=True)
+                 for name, layer in layers.items()}  # float64: the layer casts it, its gradient stays exact
+        for name, layer in layers.items():
+            layer.gate = gates[name]
+        for batch in windows.split(batch_size):
+            loss = language_model_loss(model, batch)
+            grads = torch.autograd.grad(loss, list(gates.values()))
+            weight = batch.shape[0] / windows.shape[0]
+            for name, grad in zip(gates, grads):
+                term = grad.detach().double().cpu() * weight
+                sums[name] = sums[name] + term if name in sums else term
+            if advance is not None:
+                advance(loss=float(loss.detach()))
+    return {name: -total for name, total in sums.items()}
+
+
+def zero_sum_ranks(budget: Budget, scores: Mapping[str, torch.Tensor],
+                   floors: Mapping[str, int]) -> tuple[dict[str, Rank], dict[str, Any]]:
+    """Remove components by the two-heap zero-sum rule (module docstring) until the plan fits."""
+    names = list(scores)
+    deltas = {name: scores[name].tolist() for name in names}
+    ranks = {name: len(deltas[name]) for name in names}  # start from full rank: nothing removed
+
+    def cost(name: str) -> int:
+        return budget.cost(name, budget.normalize(name, ranks[name]))
+
+    raising: list[tuple[float, int]] = []  # Q₊: removals predicted to raise the loss, smallest |ΔL| first
+    lowering: list[tuple[float, int]] = []  # Q₋
+
+    def offer(index: int) -> None:
+        name = names[index]
+        if ranks[name] > floors[name]:
+            delta = deltas[name][ranks[name] - 1]
+            heapq.heappush(raising if delta >= 0 else lowering, (abs(delta), index))
+
+    for index in range(len(names)):
+        offer(index)
+    total = sum(cost(name) for name in names)
+    running, removed = 0.0, 0
+    while total > budget.target:
+        preferred, other = (raising, lowering) if running <= 0 else (lowering, raising)
+        heap = preferred or other
+        if not heap:
+            raise ConfigError(f"zerosum cannot reach the budget {budget.target} (at {total}): every module is at its "
+                              "rank floor; lower min_rank_ratio or raise keep_ratio")
+        _, index = heapq.heappop(heap)
+        name = names[index]
+        before = cost(name)
+        ranks[name] -= 1
+        running += deltas[name][ranks[name]]
+        total += cost(name) - before
+        removed += 1
+        offer(index)
+    return ({name: budget.normalize(name, rank) for name, rank in ranks.items()},
+            {"running_sum": running, "removed_components": removed})
+
+
+def predicted_loss_change(scores: Mapping[str, torch.Tensor], ranks: Mapping[str, Rank]) -> float:
+    """First-order loss change of a plan: the summed ``ΔL`` of every removed component."""
+    return sum(float(scores[name][int(rank):].sum()) for name, rank in ranks.items() if rank != DENSE)
+
+
+@ALLOCATORS.register("zerosum", ZeroSumConfig)
+class ZeroSumAllocator(Allocator):
+    """ZS-SVD rank allocation (see the module docstring); needs the model and calibration data."""
+
+    needs_model = True
+    config: ZeroSumConfig
+
+    def __init__(self, config: ZeroSumConfig) -> None:
+        super().__init__(config)
+        self._scores: dict[str, torch.Tensor] | None = None
+
+    def allocate_ranks(self, context: AllocationContext) -> tuple[dict[str, Rank], dict[str, Any]]:
+        if context.model is None or context.calibration is None:
+            raise ConfigError("zerosum needs the model and calibration data")
+        budget, config = context.budget, self.config
+        windows = select_windows(context.calibration, config.windows, context.seed)
+        batches = math.ceil(windows.shape[0] / config.batch_size)
+        start = time.perf_counter()
+        with progress_bar("zerosum: loss gradients", total=batches, enabled=context.show_progress) as advance:
+            scores = component_scores(context.model, context.targets, context.spectra, windows, config.batch_size,
+                                      checkpointing=config.gradient_checkpointing, advance=advance)
+        self._scores = scores
+        gradient_seconds = time.perf_counter() - start
+        floors = {name: min(len(s), max(1, math.ceil(config.min_rank_ratio * budget.max_rank(name))))
+                  for name, s in scores.items()}
+        start = time.perf_counter()
+        ranks, selection = zero_sum_ranks(budget, scores, floors)
+        ranks = budget.fill(ranks, self.priority(context))
+        every = torch.cat(list(scores.values()))
+        info = {
+            "settings": {**config.to_dict(), "windows_used": windows.shape[0], "tokens_used": windows.numel()},
+            **selection,
+            "predicted_loss_change": predicted_loss_change(scores, ranks),
+            "negative_score_fraction": float((every < 0).double().mean()),
+            "backward_passes": batches,
+            "seconds": {"gradients": gradient_seconds, "selection": time.perf_counter() - start},
+        }
+        return ranks, info
+
+    def priority(self, context: AllocationContext):
+        """Restore first the components whose removal is predicted to hurt most per parameter (going
+        dense restores the whole remaining tail)."""
+        if self._scores is None:
+            raise RuntimeError("zerosum priority needs the scores of allocate_ranks")
+        budget = context.budget
+        tails = {name: torch.cat([s.flip(0).cumsum(0).flip(0), s.new_zeros(1)]).tolist()
+                 for name, s in self._scores.items()}  # tails[k]: summed ΔL of components k, k+1, ...
+        deltas = {name: s.tolist() for name, s in self._scores.items()}
+
+        def priority(name: str, rank: int) -> float:
+            step = budget.next_rank(name, rank)
+            gain = tails[name][rank] if step == DENSE else deltas[name][rank]
+            return gain / (budget.cost(name, step) - budget.cost(name, rank))
+
+        return priority
+
+
+def select_windows(calibration: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
+    """``count`` calibration rows chosen with ``seed`` (all rows, in order, when None or too many)."""
+    if count is None or count >= calibration.shape[0]:
+        return calibration
+    order = torch.randperm(calibration.shape[0], generator=torch.Generator().manual_seed(seed))
+    return calibration[order[:count]]
