@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -25,13 +26,19 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ._settings import resolve_device, resolve_dtype
 from .errors import ArtifactError
-from .layers import build_layer, describe_layer
+from .layers import LAYER_CLASSES, build_layer, describe_layer
 from .targets import set_submodule
+from .workdir import is_disk_full
 
 # 1: plain factors only; 2: adds PivGa layers ("type": "pivga" with a "variant"). Older versions load.
 FORMAT_VERSION = 2
 METHOD = "rankcut"
 MANIFEST = "rankcut_manifest.json"
+
+
+def _newer_format(version: Any) -> ArtifactError:
+    return ArtifactError(f"artifact format version {version!r} is newer than this rankcut supports "
+                         f"({FORMAT_VERSION}); upgrade rankcut (pip install -U rankcut)")
 
 
 @register_quantization_config(METHOD)
@@ -52,16 +59,17 @@ class RankcutConfig(QuantizationConfigMixin):
 
     def validate(self) -> None:
         if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
-            raise ArtifactError(
-                f"artifact format version {self.format_version!r} is newer than this rankcut supports "
-                f"({FORMAT_VERSION}); upgrade rankcut (pip install -U rankcut)"
-            )
-        if not isinstance(self.modules, dict):
-            raise ArtifactError("artifact config: 'modules' must map module names to layer descriptions")
+            raise _newer_format(self.format_version)
+        for key in ("modules", "plan", "settings", "diagnostics", "measured"):
+            if not isinstance(getattr(self, key), dict):
+                raise ArtifactError(f"artifact config: {key!r} must be a JSON object, got {getattr(self, key)!r}")
         for name, description in self.modules.items():
-            if not (isinstance(description, dict) and isinstance(description.get("type"), str)
-                    and isinstance(description.get("rank"), int) and description["rank"] >= 1):
-                raise ArtifactError(f"artifact config: invalid layer description for {name!r}: {description!r}")
+            rank = description.get("rank") if isinstance(description, dict) else None
+            if not (isinstance(name, str) and name and isinstance(description, dict)
+                    and description.get("type") in LAYER_CLASSES
+                    and isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+                raise ArtifactError(f"artifact config: invalid layer description for {name!r}: {description!r} "
+                                    f"(expected a type in {sorted(LAYER_CLASSES)} and an integer rank >= 1)")
 
 
 def factorize_skeleton(model: nn.Module, modules: dict[str, dict]) -> None:
@@ -126,16 +134,35 @@ def verify_artifact(folder: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactError(f"{folder} is not a rankcut artifact (no {MANIFEST}); was the save interrupted?")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ArtifactError(f"{manifest_path} is unreadable ({error})") from error
-    for name, entry in files.items():
+        version, files = manifest["format_version"], manifest["files"]
+        entries = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # ValueError: bad JSON or UTF-8
+        raise ArtifactError(f"{manifest_path} is unreadable ({error!r})") from error
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise _newer_format(version)  # a newer manifest may not even list files the way this one does
+    for name, (size, sha256) in entries.items():
         path = folder / name
+        if Path(name).name != name:
+            raise ArtifactError(f"{manifest_path} names a file outside the artifact: {name!r}")
         if not path.is_file():
             raise ArtifactError(f"artifact file {name} is missing from {folder}")
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != size or _sha256(path) != sha256:
             raise ArtifactError(f"artifact file {name} in {folder} was truncated or altered (hash mismatch)")
     return manifest
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, that exists without ``overwrite``, or that is a folder other
+    than an artifact or empty (``--overwrite`` replaces an artifact, never an arbitrary folder)."""
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out} is a file; --out must be a folder path")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
+    if not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise ArtifactError(f"{out} is a folder that is not a rankcut artifact; --overwrite replaces only "
+                            "artifacts: choose another --out")
 
 
 def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, plan: dict, settings: dict,
@@ -145,35 +172,48 @@ def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, pl
     ``extra_files`` (name -> text: model card, reports) are written beside the weights and hashed too.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
+    check_output_folder(out, overwrite)
     modules = {name: description for name, module in model.named_modules()
                if (description := describe_layer(module)) is not None}
     config = RankcutConfig(FORMAT_VERSION, modules, plan, settings, diagnostics, measured)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     previous = getattr(model.config, "quantization_config", None)
+    staging: Path | None = None
     try:
-        model.config.quantization_config = config
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+            model.config.quantization_config = config
             model.save_pretrained(staging, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             for name, text in extra_files.items():
                 (staging / name).write_text(text)
             _write_manifest(staging)
-        except OSError as error:
-            raise ArtifactError(f"could not write the artifact ({error}); nothing was written to {out}") from error
-        if out.exists():
-            shutil.rmtree(out)
-        staging.replace(out)
+        except (OSError, SafetensorError) as error:
+            hint = "the disk is full: free some space or choose another --out" if is_disk_full(error) else "check --out"
+            message = f"could not write the artifact ({error}); {hint}. Nothing was written to {out}"
+            raise ArtifactError(message) from error
+        _move_into_place(staging, out)
     finally:
         if previous is None:
             model.config.__dict__.pop("quantization_config", None)
         else:
             model.config.quantization_config = previous
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished folder to ``out``; an artifact it replaces is moved aside first and deleted
+    only afterwards, so at every moment ``out`` is either the old artifact or the new one (or absent)."""
+    if not out.exists():
+        staging.replace(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    out.replace(old / out.name)
+    staging.replace(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "float32",
@@ -188,13 +228,26 @@ def load(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "float32"
     if verify:
         verify_artifact(folder)
     try:
-        quantization = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
-    except json.JSONDecodeError as error:
-        raise ArtifactError(f"{folder / 'config.json'} is not valid JSON ({error})") from error
-    if quantization.get("quant_method") != METHOD:
-        raise ArtifactError(f"{folder} is not a rankcut artifact (quant_method={quantization.get('quant_method')!r})")
+        quantization = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ArtifactError(f"{folder / 'config.json'} is not a valid JSON object ({error})") from error
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != METHOD:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise ArtifactError(f"{folder} is not a rankcut artifact (quant_method={method!r})")
     RankcutConfig(**{k: v for k, v in quantization.items() if k != "quant_method"})  # validates before any load
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype))
+    # Safetensors only (no pickle), no code from the folder. Every weight must come from the file: any
+    # missing, unexpected or mismatched key is refused below (mismatches are reported, not raised, so
+    # that the message is ours).
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=resolve_dtype(dtype), use_safetensors=True, trust_remote_code=False,
+            output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, SafetensorError) as error:  # e.g. weights only as pickle (.bin), which is never read
+        raise ArtifactError(f"could not load the weights of {folder} ({error.__class__.__name__}: {error})") from error
+    problems = {key: sorted(info.get(key) or [])[:5] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        raise ArtifactError(f"the weights in {folder} do not match the factorized architecture its config "
+                            f"describes ({', '.join(f'{k}: {v}' for k, v in problems.items() if v)})")
     has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False) if has_tokenizer else None
     return model.to(resolve_device(device)).eval(), tokenizer

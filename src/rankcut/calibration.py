@@ -102,18 +102,33 @@ class BlockStream:
         return hidden, kwargs
 
     def run(self, on_block: Callable[[BlockRun], None], *, closed_loop: bool = False,
-            progress: Callable[..., None] | None = None) -> None:
+            progress: Callable[..., None] | None = None, start_block: int = 0,
+            hidden: list[torch.Tensor] | None = None,
+            on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None) -> None:
         """Call ``on_block`` after each block's statistics are collected.
 
         ``on_block`` may replace the block's modules. With ``closed_loop`` the block is run again
         after the callback so the next block sees the outputs of the compressed block (sequential
         calibration); otherwise it sees the dense block's outputs.
+
+        To resume an interrupted run, pass ``start_block`` and ``hidden``, the inputs of that block
+        (one tensor per batch) saved by ``on_outputs(next_block, inputs_of_next_block)``, which is
+        called after every block. Blocks before ``start_block`` are not run again; the model still
+        runs once up to the first block to capture every block's keyword arguments (cheap).
         """
-        hidden, block_kwargs = self._capture()
+        captured, block_kwargs = self._capture()
+        if hidden is None:
+            if start_block:
+                raise ValueError("resuming at a later block needs the hidden states entering it")
+            hidden = captured
+        elif len(hidden) != len(captured):  # zip would silently drop batches
+            raise RankcutError(f"resumed activations hold {len(hidden)} batches, the calibration data {len(captured)}")
+        del captured
         by_block: dict[int, list[TargetModule]] = {}
         for target in self.targets:
             by_block.setdefault(target.block, []).append(target)
-        for index, block in enumerate(self.blocks):
+        for index in range(start_block, len(self.blocks)):
+            block = self.blocks[index]
             run = BlockRun(index, block, by_block.get(index, []))
             with torch.inference_mode():
                 outputs = self._run_block(block, hidden, block_kwargs[index], run)
@@ -124,6 +139,8 @@ class BlockStream:
                         _block_output(block(h, **kw)) for h, kw in zip(hidden, block_kwargs[index])
                     ]
             hidden = outputs
+            if on_outputs is not None:
+                on_outputs(index + 1, hidden)
             if progress is not None:
                 progress(1)
 

@@ -118,13 +118,14 @@ def _base_model_of(model) -> str | None:
     return config.settings.get("base_model") if isinstance(config, RankcutConfig) else None
 
 
-def _load_any(spec: str, dtype: str, device: str):
+def _load_any(spec: str, dtype: str, device: str, *, trust_remote_code: bool = False):
+    """An artifact (never with remote code) or any model ``load_model`` takes."""
     from .artifacts import MANIFEST, load
     from .models import load_model
 
     if (Path(spec) / MANIFEST).is_file():
         return load(spec, dtype=dtype, device=device)
-    return load_model(spec, dtype=dtype, device=device)
+    return load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -149,14 +150,27 @@ def compress(
     data_dir: DataDirOption = None,
     device: str = "auto",
     dtype: str = "float32",
-    overwrite: bool = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing artifact at --out")] = False,
+    work_dir: Annotated[Optional[Path], typer.Option(
+        "--work-dir", help="checkpoint folder; rerun the same command to resume (default: <out>.work)")] = None,
+    keep_work: Annotated[bool, typer.Option(help="keep the work folder after a successful save")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(
+        help="run code shipped with the model folder or hub repo (off: only transformers' own classes)")] = False,
 ) -> None:
-    """Compress a model and write an artifact that loads again (``rankcut.load`` or ``from_pretrained``)."""
+    """Compress a model and write an artifact that loads again (``rankcut.load`` or ``from_pretrained``).
+
+    Interrupted runs resume: rerun the same command and it continues from the checkpoints in the work folder.
+    """
+    import shutil
+
     from .api import save
+    from .artifacts import check_output_folder
     from .compress import CalibrationConfig, CompressionConfig, compress as run
 
-    if out_dir.exists() and not overwrite:
-        raise RankcutError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    check_output_folder(out_dir, overwrite)  # before any expensive work
+    work = work_dir if work_dir is not None else out_dir.resolve().with_name(f"{out_dir.resolve().name}.work")
+    if work.resolve() == out_dir.resolve():
+        raise RankcutError("--work-dir must differ from --out")
     config = CompressionConfig(
         keep_ratio=keep, allocator=allocator, allocator_options=_parse_options(allocator_option),
         whitening=whitening, whitening_options=_parse_options(whitening_option), factor_format=factor_format,
@@ -164,9 +178,19 @@ def compress(
         calibration=CalibrationConfig(calib, calib_split, nsamples, seqlen, seed, batch_size,
                                       str(data_dir) if data_dir else None),
     )
-    loaded, tokenizer = _load_any(model, dtype, device)
-    compressed, report = run(loaded, config, tokenizer=tokenizer, output_dir=out_dir.parent)
+    loaded, tokenizer = _load_any(model, dtype, device, trust_remote_code=trust_remote_code)
+    if (work / "run.json").is_file():
+        console.print(f"resuming from the checkpoints in {work}", soft_wrap=True)
+    try:
+        compressed, report = run(loaded, config, tokenizer=tokenizer, output_dir=out_dir.parent, work_dir=work)
+    except KeyboardInterrupt:
+        console.print(f"interrupted; rerun the same command to resume from the checkpoints in {work}", soft_wrap=True)
+        raise typer.Exit(130) from None
     path = save(compressed, tokenizer, out_dir, report, base_model=model, overwrite=overwrite)
+    if keep_work:
+        console.print(f"work folder kept: {work}", soft_wrap=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     out.print(_table(f"rankcut compress {model} -> {path}", report.summary_rows()))
     console.print(f"full report: {path / 'rankcut_report.md'} and {path / 'rankcut_report.json'}")
 

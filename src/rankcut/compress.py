@@ -7,6 +7,10 @@ Phases (each timed in the report):
 3. **factorize**: replace each target by a factorized layer at its planned rank. With ``sequential``,
    statistics are collected again block by block from the outputs of the already-compressed blocks
    (closed loop), so each block is factorized against the inputs it will really see.
+
+With a work folder (:mod:`rankcut.workdir`) each block's spectra and the activations entering the next
+block are checkpointed as the passes go, and the plan once allocated, so a rerun after an interruption
+picks up at the first block not yet done and gives a bit-identical result.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .progress import progress_bar
 from .registry import PluginConfig
 from .targets import TargetModule, find_targets, set_submodule
 from .whitening import Whitening, create_whitener
+from .workdir import BlockCheckpoints, Resumed, WorkDir, run_record
 
 CONFIG_VERSION = 1
 
@@ -51,12 +56,11 @@ class CalibrationConfig(PluginConfig):
     data_dir: str | None = None
 
     def validate(self) -> None:
-        if self.nsamples < 1:
-            raise ConfigError(f"calibration nsamples must be >= 1, got {self.nsamples}")
-        if self.seqlen < 2:
-            raise ConfigError(f"calibration seqlen must be >= 2, got {self.seqlen}")
-        if self.batch_size < 1:
-            raise ConfigError(f"calibration batch_size must be >= 1, got {self.batch_size}")
+        for name, least in (("nsamples", 1), ("seqlen", 2), ("batch_size", 1), ("seed", None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+                bound = "" if least is None else f" >= {least}"
+                raise ConfigError(f"calibration {name} must be an integer{bound}, got {value!r}")
 
 
 @dataclass
@@ -171,7 +175,9 @@ class _Decomposer:
                     whitening = cache[id(statistics)] = self.whitener.whiten(statistics)
                 except FactorizationError as error:
                     raise FactorizationError(f"{target.name}: {error}") from error
-            out[target.name] = whitened_svd(self.model.get_submodule(target.name).weight, whitening, target.name)
+            spectrum = whitened_svd(self.model.get_submodule(target.name).weight, whitening, target.name)
+            # contiguous, like a spectrum read back from a checkpoint: same layout, same kernels, same bits
+            out[target.name] = Spectrum(spectrum.u.contiguous(), spectrum.sigma, spectrum.b_full.contiguous())
             self.diagnostics[target.name] = {**whitening.diagnostics, "shared_input": statistics.modules,
                                              "calibration_tokens": statistics.tokens}
         return out
@@ -195,11 +201,17 @@ def compress(
     calibration: torch.Tensor | None = None,
     show_progress: bool = True,
     output_dir: str | Path | None = None,
+    work_dir: str | Path | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` in place and return it with a report.
 
     ``calibration`` (``nsamples x seqlen`` token ids) overrides sampling from ``config.calibration``,
     which needs ``tokenizer``.
+
+    ``work_dir`` makes the run resumable: expensive intermediate results are checkpointed there (see
+    :mod:`rankcut.workdir`) and the same call after an interruption continues from them, with a
+    bit-identical result. A folder left by a different run (settings, model or calibration data) is
+    refused with :class:`ConfigError`. Delete it once the result is saved (the CLI does).
     """
     if config is None:
         config = CompressionConfig()
@@ -214,45 +226,94 @@ def compress(
     dense_params, dense_bytes = sum(p.numel() for p in model.parameters()), weight_bytes(model)
     needs_data = config.whitening != "none" or allocator.needs_model
 
-    if needs_data and calibration is None:
-        if tokenizer is None:
-            raise ConfigError("compress needs a tokenizer to sample calibration data (or pass calibration=ids)")
-        context = model_context_length(model)
-        if context is not None and config.calibration.seqlen > context:
-            raise ConfigError(f"calibration seqlen {config.calibration.seqlen} is beyond the model's context length {context}")
-        with _phase(timings, "load calibration data"):
-            corpus = load_text(config.calibration.dataset, config.calibration.split, data_dir=config.calibration.data_dir)
-            calibration = sample_calibration(tokenizer, corpus, config.calibration.nsamples,
-                                             config.calibration.seqlen, config.calibration.seed)
+    if needs_data:
+        if calibration is None:
+            if tokenizer is None:
+                raise ConfigError("compress needs a tokenizer to sample calibration data (or pass calibration=ids)")
+            _check_seqlen(model, config.calibration.seqlen)  # before reading any data
+            with _phase(timings, "load calibration data"):
+                corpus = load_text(config.calibration.dataset, config.calibration.split,
+                                   data_dir=config.calibration.data_dir)
+                calibration = sample_calibration(tokenizer, corpus, config.calibration.nsamples,
+                                                 config.calibration.seqlen, config.calibration.seed)
+        _check_calibration(model, calibration)
 
-    spectra: dict[str, Spectrum] = {}
-    closed_loop = config.sequential and config.whitening != "none"
-    if allocator.needs_spectra or not closed_loop:  # the closed loop decomposes again anyway
-        with _phase(timings, "calibrate + decompose"):
-            _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress)
+    with _work_dir(work_dir, config, model, targets, calibration if needs_data else None) as work:
+        plan = work.load_plan() if work is not None else None
+        if plan is not None and dict(plan.shapes) != dict(budget.shapes):
+            raise ConfigError(f"the rank plan in {work.path} does not match this model; delete the work folder")
+        spectra: dict[str, Spectrum] = {}
+        closed_loop = config.sequential and config.whitening != "none"
+        # the closed loop decomposes again anyway: spectra only if the allocator needs them
+        if not closed_loop or (plan is None and allocator.needs_spectra):
+            with _phase(timings, "calibrate + decompose"):
+                _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress, work)
 
-    with _phase(timings, "allocate"):
-        context = AllocationContext(budget, targets, spectra, model if allocator.needs_model else None, calibration,
-                                    seed=config.calibration.seed, show_progress=show_progress,
-                                    output_dir=Path(output_dir) if output_dir else None,
-                                    cache_dir=cache_dir() / "allocators")
-        plan = allocator.allocate(context)
+        if plan is None:
+            with _phase(timings, "allocate"):
+                context = AllocationContext(
+                    budget, targets, spectra, model if allocator.needs_model else None, calibration,
+                    seed=config.calibration.seed, show_progress=show_progress,
+                    output_dir=Path(output_dir) if output_dir else None, cache_dir=cache_dir() / "allocators",
+                    work_dir=work.allocator_dir if work is not None else None)
+                plan = allocator.allocate(context)
+            if work is not None:
+                work.save_plan(plan)
 
-    with _phase(timings, "factorize"):
-        if closed_loop:
-            spectra.clear()  # re-decomposed block by block against the compressed upstream blocks
-            _factorize_sequential(model, targets, calibration, config, decomposer, plan, show_progress)
-        else:
-            for target in targets:
-                _replace(model, target, spectra.pop(target.name), plan, config.factor_format)
+        with _phase(timings, "factorize"):
+            if closed_loop:
+                spectra.clear()  # re-decomposed block by block against the compressed upstream blocks
+                _factorize_sequential(model, targets, calibration, config, decomposer, plan, show_progress, work)
+            else:
+                for target in targets:
+                    _replace(model, target, spectra.pop(target.name), plan, config.factor_format)
 
     measured = _measure(model, targets, budget, plan, dense_params, dense_bytes)
     report = CompressionReport(config.to_dict(), plan, timings, _peak_memory_bytes(), measured, decomposer.diagnostics)
     return model, report
 
 
-def _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress) -> None:
-    if config.whitening == "none":
+@contextmanager
+def _work_dir(path: str | Path | None, config: CompressionConfig, model: nn.Module, targets: list[TargetModule],
+              calibration: torch.Tensor | None) -> Iterator[WorkDir | None]:
+    """The run's work folder (None without ``path``), locked while the run uses it."""
+    if path is None:
+        yield None
+        return
+    settings = config.to_dict()
+    settings["calibration"].pop("data_dir")  # where the data was read from does not matter; the ids (hashed) do
+    with WorkDir.open(path, run_record(settings, model, targets, calibration)) as work:
+        yield work
+
+
+def _check_seqlen(model: nn.Module, seqlen: int) -> None:
+    context = model_context_length(model)
+    if context is not None and seqlen > context:
+        raise ConfigError(f"calibration seqlen {seqlen} is beyond the model's context length {context}")
+
+
+def _check_calibration(model: nn.Module, ids: torch.Tensor) -> None:
+    """Token ids the model can run: a wrong shape, dtype or vocabulary would fail deep in the model."""
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.numel() and ids.dtype in (torch.long, torch.int)):
+        raise ConfigError("calibration must be a non-empty nsamples x seqlen tensor of token ids (torch.long)")
+    _check_seqlen(model, ids.shape[1])
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if int(ids.min()) < 0 or int(ids.max()) >= vocabulary:
+        raise ConfigError(f"calibration token ids span [{int(ids.min())}, {int(ids.max())}], outside the model's "
+                          f"vocabulary of {vocabulary}; the tokenizer does not match the model")
+
+
+def _resume(checkpoints: BlockCheckpoints | None, device: torch.device, decomposer: _Decomposer) -> Resumed:
+    if checkpoints is None:
+        return Resumed()
+    state = checkpoints.resume(device)
+    decomposer.diagnostics.update(state.diagnostics)
+    return state
+
+
+def _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress,
+                     work: WorkDir | None) -> None:
+    if config.whitening == "none":  # no calibration: cheap, nothing to checkpoint
         from .whitening.base import IdentityWhitening
 
         identity = IdentityWhitening({"path": "identity"})
@@ -261,8 +322,21 @@ def _collect_spectra(model, targets, calibration, config, decomposer, spectra, s
             decomposer.diagnostics[target.name] = dict(identity.diagnostics)
         return
     stream = BlockStream(model, targets, calibration, config.calibration.batch_size)
+    checkpoints = work.blocks("spectra", len(stream.blocks)) if work is not None else None
+    state = _resume(checkpoints, stream.device, decomposer)
+    spectra.update(state.spectra)
+
+    def decompose_block(run: BlockRun) -> None:
+        block_spectra = decomposer.spectra(run)
+        spectra.update(block_spectra)
+        if checkpoints is not None:
+            checkpoints.save_block(run.index, block_spectra, {n: decomposer.diagnostics[n] for n in block_spectra})
+
     with progress_bar("calibrate + decompose blocks", total=len(stream.blocks), enabled=show_progress) as advance:
-        stream.run(lambda run: spectra.update(decomposer.spectra(run)), progress=advance)
+        advance(state.next_block)
+        if state.next_block < len(stream.blocks):
+            stream.run(decompose_block, progress=advance, start_block=state.next_block, hidden=state.hidden,
+                       on_outputs=checkpoints.save_activations if checkpoints is not None else None)
 
 
 def _replace(model: nn.Module, target: TargetModule, spectrum: Spectrum, plan: RankPlan, factor_format: str) -> None:
@@ -272,16 +346,35 @@ def _replace(model: nn.Module, target: TargetModule, spectrum: Spectrum, plan: R
     set_submodule(model, target.name, _factorized_layer(model.get_submodule(target.name), spectrum, rank, factor_format))
 
 
-def _factorize_sequential(model, targets, calibration, config, decomposer, plan, show_progress) -> None:
+def _factorize_sequential(model, targets, calibration, config, decomposer, plan, show_progress,
+                          work: WorkDir | None) -> None:
     stream = BlockStream(model, targets, calibration, config.calibration.batch_size)
+    checkpoints = work.blocks("sequential", len(stream.blocks)) if work is not None else None
+    state = _resume(checkpoints, stream.device, decomposer)
+    by_name = {t.name: t for t in targets}
+    for name, spectrum in state.spectra.items():  # blocks factorized before the interruption
+        _replace(model, by_name[name], spectrum, plan, config.factor_format)
 
     def factorize_block(run: BlockRun) -> None:
-        for name, spectrum in decomposer.spectra(run).items():
-            target = next(t for t in run.targets if t.name == name)
-            _replace(model, target, spectrum, plan, config.factor_format)
+        block_spectra = decomposer.spectra(run)
+        if checkpoints is not None:  # only what the plan uses: the factors at the planned rank
+            kept = {name: _truncated(spectrum, plan.ranks[name]) for name, spectrum in block_spectra.items()
+                    if plan.ranks[name] != DENSE}
+            checkpoints.save_block(run.index, kept, {n: decomposer.diagnostics[n] for n in block_spectra})
+        for name, spectrum in block_spectra.items():
+            _replace(model, by_name[name], spectrum, plan, config.factor_format)
 
     with progress_bar("factorize blocks (closed loop)", total=len(stream.blocks), enabled=show_progress) as advance:
-        stream.run(factorize_block, closed_loop=True, progress=advance)
+        advance(state.next_block)
+        if state.next_block < len(stream.blocks):
+            stream.run(factorize_block, closed_loop=True, progress=advance, start_block=state.next_block,
+                       hidden=state.hidden,
+                       on_outputs=checkpoints.save_activations if checkpoints is not None else None)
+
+
+def _truncated(spectrum: Spectrum, rank: int) -> Spectrum:
+    """The leading ``rank`` components: the same rank-``rank`` factors, bit for bit."""
+    return Spectrum(spectrum.u[:, :rank], spectrum.sigma[:rank], spectrum.b_full[:rank])
 
 
 def _measure(model, targets, budget, plan, dense_params, dense_bytes) -> dict[str, int | float]:

@@ -90,21 +90,29 @@ NAMED: dict[str, NamedDataset] = {
 }
 
 
+def _read(path: Path, read: Callable[[Path], list[str]]) -> list[str]:
+    """``read(path)``, with any failure to read or decode the file reported as a DataNotFoundError."""
+    try:
+        return read(path)
+    except DataNotFoundError:
+        raise
+    except UnicodeDecodeError as error:
+        raise DataNotFoundError(f"cannot read {path}: it is not UTF-8 text ({error})") from error
+    except Exception as error:  # OSError (permissions, ...); pyarrow raises its own types for broken files
+        raise DataNotFoundError(f"cannot read {path}: {error}") from error
+
+
 def _from_path(path: Path, split: str) -> TextCorpus:
+    if path.is_dir():
+        raise DataNotFoundError(f"{path} is a folder; expected a .txt, .jsonl or .parquet file")
     if not path.is_file():
         raise DataNotFoundError(f"data file not found: {path}")
-    try:
-        if path.suffix == ".jsonl":
-            return TextCorpus(path.name, split, _read_jsonl(path), True, str(path))
-        if path.suffix == ".parquet":
-            return TextCorpus(path.name, split, _read_parquet(path), True, str(path))
-        return TextCorpus(path.name, split, _wikitext_rows(path.read_text(encoding="utf-8")), False, str(path))
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataNotFoundError(f"cannot read {path}: {error}") from error
-    except Exception as error:  # pyarrow raises its own types for broken files
-        if isinstance(error, DataNotFoundError):
-            raise
-        raise DataNotFoundError(f"cannot read {path}: {error}") from error
+    if path.suffix == ".jsonl":
+        return TextCorpus(path.name, split, _read(path, _read_jsonl), True, str(path))
+    if path.suffix == ".parquet":
+        return TextCorpus(path.name, split, _read(path, _read_parquet), True, str(path))
+    rows = _read(path, lambda p: _wikitext_rows(p.read_text(encoding="utf-8")))
+    return TextCorpus(path.name, split, rows, False, str(path))
 
 
 def load_text(name_or_path: str | os.PathLike, split: str = "test", *, data_dir: str | os.PathLike | None = None) -> TextCorpus:
@@ -125,7 +133,7 @@ def load_text(name_or_path: str | os.PathLike, split: str = "test", *, data_dir:
             continue
         candidate = folder / relative
         if candidate.is_file():
-            return TextCorpus(text, split, dataset.read(candidate), dataset.documents, str(candidate))
+            return TextCorpus(text, split, _read(candidate, dataset.read), dataset.documents, str(candidate))
         tried.append(str(candidate))
     if not data_dirs(data_dir):
         tried.append("no local data folder (set RANKCUT_DATA or pass --data-dir)")

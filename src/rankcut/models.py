@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ._settings import cache_dir, resolve_device, resolve_dtype
-from .errors import ModelNotFoundError
+from .errors import ConfigError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -136,21 +136,38 @@ def load_model(
 
     rankcut artifacts (folders written by :func:`rankcut.save`) load too: their config names the
     ``rankcut`` method, which this package registers with transformers on import.
+
+    Code shipped with a model runs only with ``trust_remote_code=True``. Weights come from safetensors
+    when the folder has them; a ``pytorch_model.bin``-only folder is read by transformers with
+    ``torch.load(weights_only=True)``, which refuses anything but tensors.
     """
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import artifacts  # noqa: F401  registers the rankcut format with transformers
 
     path, tried = resolve_model_path(spec)
+    torch_dtype = resolve_dtype(dtype)
     try:
+        target = resolve_device(device)
+        torch.empty(0, device=target)  # an unavailable device fails here, not after a long load
+    except (RuntimeError, AssertionError) as error:  # AssertionError: "Torch not compiled with CUDA enabled"
+        raise ConfigError(f"device {str(device)!r} is not available here ({error})") from error
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     weights_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
-        )
     except OSError as error:
         places = "\n  - ".join(tried)
         raise ModelNotFoundError(
             f"could not load model {str(spec)!r}. Tried:\n  - {places}\n({error.__class__.__name__}: {error})"
         ) from error
-    model.to(resolve_device(device)).eval()
+    except (ValueError, StrictDataclassError, SafetensorError) as error:
+        # transformers' verdict on the folder's files (config, weights, tokenizer), not a rankcut bug
+        raise ModelNotFoundError(
+            f"could not load model {str(spec)!r} from {path}: its files are invalid or incomplete "
+            f"({error.__class__.__name__}: {str(error).strip()[:500]})"
+        ) from error
+    model.to(target).eval()
     return model, tokenizer

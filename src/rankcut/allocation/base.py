@@ -29,6 +29,10 @@ class AllocationContext:
     show_progress: bool = True
     output_dir: Path | None = None  # where an allocator may leave plots and caches
     cache_dir: Path | None = None  # shared cache for expensive, reusable intermediate results
+    # This run's own checkpoint folder (None: not resumable). A long-training allocator may save its
+    # state here (atomically: temp file + os.replace) and pick it up when the interrupted run is rerun;
+    # the folder is deleted once the run's result is saved. See rankcut.workdir.
+    work_dir: Path | None = None
 
 
 class Allocator(ABC):

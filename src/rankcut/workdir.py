@@ -1,0 +1,261 @@
+"""Checkpoints of a compression run, so that a run stopped at any point resumes where it stopped.
+
+A work folder holds::
+
+    run.json                        what the run is: settings, model fingerprint, calibration hash
+    lock                            flock-ed while a process uses the folder
+    spectra/block-NNNN.safetensors  open-loop pass: u, sigma, b_full per module of block N, and the
+                                    block's whitening diagnostics (JSON, in the file's metadata)
+    spectra/activations.safetensors the inputs of the next block to run and its index (metadata);
+                                    no tensors once every block is done
+    plan.json                       the rank plan, once allocated
+    sequential/...                  the closed-loop factorize pass, laid out like spectra/ (factors
+                                    cut to the planned ranks)
+    allocator/                      free for the allocator's own checkpoints (AllocationContext.work_dir)
+
+Every file is written under a temporary name and moved into place with ``os.replace``, so a process
+killed at any moment leaves the previous or the next consistent state, never a half-written file.
+Checkpoints hold exact copies of the tensors, so a resumed run gives a bit-identical result on the
+same device. They survive a killed process, not a power cut (files are not fsync-ed).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .decomposition import Spectrum
+from .errors import ConfigError, RankcutError
+from .plan import RankPlan
+from .targets import TargetModule
+
+WORKDIR_FORMAT = 1
+RUN_FILE = "run.json"
+PLAN_FILE = "plan.json"
+LOCK_FILE = "lock"
+ACTIVATIONS = "activations.safetensors"
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for "no space left on device", also when safetensors wraps the OS error in its own type."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(error) or "StorageFull" in str(error)
+
+
+def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    digest.update(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def run_record(settings: Mapping[str, Any], model: nn.Module, targets: Sequence[TargetModule],
+               calibration: torch.Tensor | None) -> dict[str, Any]:
+    """What makes two runs the same: settings, model (config + a few target weights), calibration ids."""
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    weights = hashlib.sha256()
+    for target in {t.name: t for t in (targets[0], targets[len(targets) // 2], targets[-1])}.values():
+        weights.update(target.name.encode())
+        _hash_tensor(weights, model.get_submodule(target.name).weight)
+    ids = None
+    if calibration is not None:
+        digest = hashlib.sha256()
+        _hash_tensor(digest, calibration)
+        ids = digest.hexdigest()
+    record = {
+        "format": WORKDIR_FORMAT,
+        "settings": dict(settings),
+        "model": {"class": type(model).__name__,
+                  "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+                  "weights_sha256": weights.hexdigest()},
+        "calibration_sha256": ids,
+    }
+    return json.loads(json.dumps(record, default=str))  # the form it takes in run.json (lists, not tuples)
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [difference for key in sorted(set(saved) | set(current), key=str)
+                for difference in _differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
+    return [] if saved == current else [prefix.rstrip(".")]
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through ``.NAME.tmp`` and ``os.replace``; a failure leaves the previous file (or none)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except (OSError, SafetensorError) as error:
+        temporary.unlink(missing_ok=True)
+        hint = "the disk is full: free some space or" if is_disk_full(error) else "check the folder or"
+        message = f"could not write the checkpoint {path} ({error}); {hint} pass another --work-dir"
+        raise RankcutError(message) from error
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _write_atomically(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2)))
+
+
+def _unreadable(path: Path, error: Exception) -> RankcutError:
+    return RankcutError(f"checkpoint {path} is unreadable ({error}); delete the work folder it is in to start over")
+
+
+@dataclass
+class Resumed:
+    """Where a pass over the blocks stands: the next block, its inputs, and what the blocks before it gave."""
+
+    next_block: int = 0
+    hidden: list[torch.Tensor] | None = None  # inputs of next_block, one tensor per batch
+    spectra: dict[str, Spectrum] = field(default_factory=dict)
+    diagnostics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class BlockCheckpoints:
+    """One pass over the decoder blocks: spectra per block and the activations entering the next."""
+
+    def __init__(self, folder: Path, blocks: int) -> None:
+        self.folder, self.blocks = folder, blocks
+        folder.mkdir(exist_ok=True)
+
+    def _block_file(self, index: int) -> Path:
+        return self.folder / f"block-{index:04d}.safetensors"
+
+    def save_block(self, index: int, spectra: Mapping[str, Spectrum], diagnostics: Mapping[str, dict]) -> None:
+        tensors = {}
+        for name, spectrum in spectra.items():
+            tensors.update({f"{name}/u": spectrum.u.contiguous(), f"{name}/sigma": spectrum.sigma.contiguous(),
+                            f"{name}/b_full": spectrum.b_full.contiguous()})
+        metadata = {"block": str(index), "modules": json.dumps(list(spectra)),  # forward order
+                    "diagnostics": json.dumps(dict(diagnostics))}
+        _write_atomically(self._block_file(index), lambda path: save_file(tensors, path, metadata))
+
+    def save_activations(self, next_block: int, hidden: Sequence[torch.Tensor]) -> None:
+        """Record that blocks before ``next_block`` are done; keep ``hidden`` only if a block remains."""
+        tensors = {f"batch.{i}": h.contiguous() for i, h in enumerate(hidden)} if next_block < self.blocks else {}
+        _write_atomically(self.folder / ACTIVATIONS,
+                          lambda path: save_file(tensors, path, {"next_block": str(next_block)}))
+
+    def resume(self, device: torch.device) -> Resumed:
+        """The saved state, or a fresh start. Tensors are copied into torch's own (aligned) memory so
+        kernels take the same paths, and give the same bits, as in an uninterrupted run."""
+        activations = self.folder / ACTIVATIONS
+        if not activations.is_file():
+            return Resumed()
+        state = Resumed()
+        try:
+            with safe_open(activations, "pt") as handle:
+                state.next_block = int(handle.metadata()["next_block"])
+                if state.next_block < self.blocks:
+                    state.hidden = [handle.get_tensor(f"batch.{i}").to(device, copy=True)
+                                    for i in range(len(list(handle.keys())))]
+        except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
+            raise _unreadable(activations, error) from error
+        for index in range(state.next_block):
+            path = self._block_file(index)
+            try:
+                with safe_open(path, "pt") as handle:
+                    metadata = handle.metadata()
+                    state.diagnostics.update(json.loads(metadata["diagnostics"]))
+                    for name in json.loads(metadata["modules"]):
+                        parts = (handle.get_tensor(f"{name}/{part}").clone() for part in ("u", "sigma", "b_full"))
+                        state.spectra[name] = Spectrum(*parts)
+            except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
+                raise _unreadable(path, error) from error
+        return state
+
+
+class WorkDir:
+    """A run's work folder, locked while in use. Refuses a folder left by a different run."""
+
+    def __init__(self, path: Path, lock: Any) -> None:
+        self.path, self._lock = path, lock
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, record: Mapping[str, Any]) -> "WorkDir":
+        """Create ``path`` or resume from it. ``record`` comes from :func:`run_record`."""
+        path = Path(path)
+        retry = "delete it or pass another --work-dir"
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"work folder {path} is a file; {retry}")
+        run_file = path / RUN_FILE
+        # a run killed before writing run.json leaves at most these behind
+        if path.is_dir() and not run_file.is_file() and any(p.name not in {LOCK_FILE, f".{RUN_FILE}.tmp"}
+                                                              for p in path.iterdir()):
+            raise ConfigError(f"{path} is not empty and is not a rankcut work folder (no {RUN_FILE}); {retry}")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            lock = (path / LOCK_FILE).open("a")
+        except OSError as error:
+            raise ConfigError(f"cannot use {path} as a work folder ({error}); pass another --work-dir") from error
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ConfigError(f"work folder {path} is in use by another rankcut process; wait for it or pass "
+                              "another --work-dir") from None
+        work = cls(path, lock)
+        try:
+            if run_file.is_file():
+                work._check_same_run(run_file, record)
+            else:
+                _write_json(run_file, record)
+        except BaseException:
+            work.close()
+            raise
+        return work
+
+    @staticmethod
+    def _check_same_run(run_file: Path, record: Mapping[str, Any]) -> None:
+        try:
+            saved = json.loads(run_file.read_text())
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{run_file} is unreadable ({error}); delete {run_file.parent} or pass "
+                              "another --work-dir") from error
+        different = _differences(saved, dict(record))
+        if different:
+            raise ConfigError(
+                f"work folder {run_file.parent} was made by a different run (it differs in "
+                f"{', '.join(different[:6])}); delete it or pass another --work-dir"
+            )
+
+    def close(self) -> None:
+        self._lock.close()  # releases the flock
+
+    def __enter__(self) -> "WorkDir":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def blocks(self, stage: str, count: int) -> BlockCheckpoints:
+        """Checkpoints of one pass (``spectra`` or ``sequential``) over ``count`` decoder blocks."""
+        return BlockCheckpoints(self.path / stage, count)
+
+    @property
+    def allocator_dir(self) -> Path:
+        folder = self.path / "allocator"
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def save_plan(self, plan: RankPlan) -> None:
+        _write_json(self.path / PLAN_FILE, plan.to_dict())
+
+    def load_plan(self) -> RankPlan | None:
+        path = self.path / PLAN_FILE
+        if not path.is_file():
+            return None
+        try:
+            return RankPlan.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            raise _unreadable(path, error) from error
