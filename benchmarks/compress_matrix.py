@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/smollm2"))
     parser.add_argument("--artifacts", type=Path, help="also save each compressed model here")
     parser.add_argument("--tag", default="", help="suffix for cell names (e.g. an ablation label)")
+    parser.add_argument("--spectra-cache", type=Path, help="reuse spectra across cells with the same calibration")
     args = parser.parse_args()
     args.results.mkdir(parents=True, exist_ok=True)
     allocator_options = json.loads(args.allocator_options)
@@ -98,7 +99,8 @@ def main() -> None:
                                                                   nsamples=args.nsamples, seqlen=args.seqlen))
                         start = time.perf_counter()
                         model, report = rankcut.compress(model, config, tokenizer=tokenizer,
-                                                         output_dir=args.results / f"{cell}-files")
+                                                         output_dir=args.results / f"{cell}-files",
+                                                         spectra_cache=args.spectra_cache)
                         seconds = time.perf_counter() - start
                         print(f"    compressed in {seconds:.0f} s, {report.measured['target_params']:,} target params", flush=True)
                         result = {"cell": cell, "model": args.model, "environment": environment,

@@ -192,3 +192,26 @@ def test_format_version_1_artifacts_still_load(tmp_path):
     loaded, _ = rankcut.load(out, verify=False)
     ids = calibration_ids(2)
     assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_spectra_cache_is_reused_across_keep_ratios(tmp_path, monkeypatch):
+    import importlib
+
+    pipeline = importlib.import_module("rankcut.compress")  # the module, not the function rankcut.compress
+    ids = calibration_ids()
+    cache = tmp_path / "spectra"
+    compress(tiny_model(), CompressionConfig(keep_ratio=0.8), calibration=ids, show_progress=False, spectra_cache=cache)
+    expected, _ = compress(tiny_model(), CompressionConfig(keep_ratio=0.5, factor_format="pivga"), calibration=ids,
+                           show_progress=False)
+
+    def no_decomposition(*args, **kwargs):
+        raise AssertionError("spectra should come from the cache")
+
+    monkeypatch.setattr(pipeline, "whitened_svd", no_decomposition)
+    cached, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.5, factor_format="pivga"), calibration=ids,
+                              show_progress=False, spectra_cache=cache)
+    assert torch.equal(logits(cached, ids[:2]), logits(expected, ids[:2]))
+    assert report.diagnostics  # whitening diagnostics come back from the cache too
+    with pytest.raises(AssertionError, match="from the cache"):  # other calibration data: another key
+        compress(tiny_model(), CompressionConfig(keep_ratio=0.5), calibration=calibration_ids(seed=9),
+                 show_progress=False, spectra_cache=cache)

@@ -154,6 +154,8 @@ def compress(
     work_dir: Annotated[Optional[Path], typer.Option(
         "--work-dir", help="checkpoint folder; rerun the same command to resume (default: <out>.work)")] = None,
     keep_work: Annotated[bool, typer.Option(help="keep the work folder after a successful save")] = False,
+    spectra_cache: Annotated[Optional[Path], typer.Option(
+        help="folder of reusable spectra: later runs on the same model, calibration and whitening skip calibration")] = None,
     trust_remote_code: Annotated[bool, typer.Option(
         help="run code shipped with the model folder or hub repo (off: only transformers' own classes)")] = False,
 ) -> None:
@@ -182,7 +184,8 @@ def compress(
     if (work / "run.json").is_file():
         console.print(f"resuming from the checkpoints in {work}", soft_wrap=True)
     try:
-        compressed, report = run(loaded, config, tokenizer=tokenizer, output_dir=out_dir.parent, work_dir=work)
+        compressed, report = run(loaded, config, tokenizer=tokenizer, output_dir=out_dir.parent, work_dir=work,
+                                     spectra_cache=spectra_cache)
     except KeyboardInterrupt:
         console.print(f"interrupted; rerun the same command to resume from the checkpoints in {work}", soft_wrap=True)
         raise typer.Exit(130) from None

@@ -16,6 +16,8 @@ picks up at the first block not yet done and gives a bit-identical result.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import resource
 import time
 from contextlib import contextmanager
@@ -38,7 +40,7 @@ from .layers import LowRankLinear, PivGaLinear
 from .plan import DENSE, FACTOR_FORMATS, Budget, RankPlan
 from .progress import progress_bar
 from .registry import PluginConfig
-from .targets import TargetModule, find_targets, set_submodule
+from .targets import TargetModule, find_decoder_blocks, find_targets, set_submodule
 from .whitening import Whitening, create_whitener
 from .workdir import BlockCheckpoints, Resumed, WorkDir, run_record
 
@@ -202,6 +204,7 @@ def compress(
     show_progress: bool = True,
     output_dir: str | Path | None = None,
     work_dir: str | Path | None = None,
+    spectra_cache: str | Path | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` in place and return it with a report.
 
@@ -212,6 +215,10 @@ def compress(
     :mod:`rankcut.workdir`) and the same call after an interruption continues from them, with a
     bit-identical result. A folder left by a different run (settings, model or calibration data) is
     refused with :class:`ConfigError`. Delete it once the result is saved (the CLI does).
+
+    ``spectra_cache`` keeps the open-loop spectra in a folder keyed by what they depend on (model,
+    calibration ids, whitening settings, exclusions), so runs that differ only in keep ratio, allocator
+    or factor format skip calibration. Use it from one process at a time.
     """
     if config is None:
         config = CompressionConfig()
@@ -247,7 +254,8 @@ def compress(
         # the closed loop decomposes again anyway: spectra only if the allocator needs them
         if not closed_loop or (plan is None and allocator.needs_spectra):
             with _phase(timings, "calibrate + decompose"):
-                _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress, work)
+                checkpoints = _spectra_checkpoints(work, spectra_cache, config, model, targets, calibration)
+                _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress, checkpoints)
 
         if plan is None:
             with _phase(timings, "allocate"):
@@ -311,8 +319,24 @@ def _resume(checkpoints: BlockCheckpoints | None, device: torch.device, decompos
     return state
 
 
+def _spectra_checkpoints(work: WorkDir | None, spectra_cache: str | Path | None, config: CompressionConfig,
+                         model: nn.Module, targets: list[TargetModule],
+                         calibration: torch.Tensor | None) -> BlockCheckpoints | None:
+    """Where the open-loop pass keeps its per-block spectra: the shared cache under a key of what the
+    spectra depend on, else the run's work folder, else nowhere."""
+    blocks = len(find_decoder_blocks(model)[1])
+    if spectra_cache is not None and calibration is not None:
+        depends_on = {"whitening": config.whitening, "whitening_options": config.whitening_options,
+                      "batch_size": config.calibration.batch_size, "exclude": config.exclude}
+        record = run_record(depends_on, model, targets, calibration)
+        key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+        Path(spectra_cache).mkdir(parents=True, exist_ok=True)
+        return BlockCheckpoints(Path(spectra_cache) / key, blocks)
+    return work.blocks("spectra", blocks) if work is not None else None
+
+
 def _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress,
-                     work: WorkDir | None) -> None:
+                     checkpoints: BlockCheckpoints | None) -> None:
     if config.whitening == "none":  # no calibration: cheap, nothing to checkpoint
         from .whitening.base import IdentityWhitening
 
@@ -322,7 +346,6 @@ def _collect_spectra(model, targets, calibration, config, decomposer, spectra, s
             decomposer.diagnostics[target.name] = dict(identity.diagnostics)
         return
     stream = BlockStream(model, targets, calibration, config.calibration.batch_size)
-    checkpoints = work.blocks("spectra", len(stream.blocks)) if work is not None else None
     state = _resume(checkpoints, stream.device, decomposer)
     spectra.update(state.spectra)
 
