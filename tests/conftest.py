@@ -100,3 +100,22 @@ def plain_window_nll(model, windows: torch.Tensor) -> float:
             total += float(loss) * (window.numel() - 1)
             count += window.numel() - 1
     return total / count
+
+
+def assert_budget_met(ranks, budget) -> None:
+    """Within the budget, and no module can take one more step without leaving it (Budget.fill's guarantee)."""
+    total = budget.total(ranks)
+    assert total <= budget.target
+    for name, rank in ranks.items():
+        step = budget.next_rank(name, rank)
+        if step is not None:
+            assert total - budget.cost(name, rank) + budget.cost(name, step) > budget.target, name
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path, word_tokenizer):
+    """A tiny LLaMA saved as a Hugging Face folder with its tokenizer, for CLI runs."""
+    folder = tmp_path / "tiny"
+    tiny_model().save_pretrained(folder)
+    word_tokenizer.save_pretrained(folder)
+    return folder

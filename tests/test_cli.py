@@ -8,7 +8,6 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_model
 from rankcut.cli import app
 
 
@@ -26,14 +25,6 @@ def test_subprocess_error_has_no_traceback():
                             text=True, env=env, timeout=600)
     assert result.returncode == 2
     assert "keep_ratio must be in (0, 1]" in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.fixture()
-def tiny_folder(tmp_path, word_tokenizer):
-    folder = tmp_path / "tiny"
-    tiny_model().save_pretrained(folder)
-    word_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_unknown_model_exits_nonzero_naming_what_was_tried():

@@ -67,14 +67,6 @@ def rewrite_config(folder: Path, edit) -> None:
     _write_manifest(folder)
 
 
-@pytest.fixture()
-def tiny_folder(tmp_path, word_tokenizer):
-    folder = tmp_path / "tiny"
-    tiny_model().save_pretrained(folder)
-    word_tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, word_tokenizer):
     """A small saved artifact; tests copy it before editing."""
