@@ -8,7 +8,7 @@ import rankcut
 from conftest import ARCHS, VOCAB, tiny_model
 from rankcut import CompressionConfig, compress
 from rankcut.errors import ArtifactError, ConfigError, FactorizationError
-from rankcut.layers import LowRankLinear
+from rankcut.layers import LowRankLinear, PivGaLinear
 from rankcut.plan import DENSE
 
 
@@ -22,20 +22,21 @@ def logits(model, ids):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("allocator", ["uniform", "energy"])
-def test_end_to_end_meets_budget(arch, allocator):
+@pytest.mark.parametrize("allocator, factor_format", [("uniform", "plain"), ("energy", "plain"), ("energy", "pivga")])
+def test_end_to_end_meets_budget(arch, allocator, factor_format):
     model = tiny_model(arch)
     dense_targets = sum(t.out_features * t.in_features for t in rankcut.find_targets(model))
-    model, report = compress(model, CompressionConfig(keep_ratio=0.6, allocator=allocator),
+    model, report = compress(model, CompressionConfig(keep_ratio=0.6, allocator=allocator, factor_format=factor_format),
                              calibration=calibration_ids(), show_progress=False)
     measured = report.measured
     assert measured["target_params_dense"] == dense_targets
     assert measured["budget"] == int(0.6 * dense_targets)
     counted = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and not n.endswith("bias")
-                  and "norm" not in n)
+                  and "norm" not in n)  # float parameters only: PivGa's index buffers are not parameters
     assert counted == measured["target_params"] <= measured["budget"]
     assert measured["budget_slack"] < 0.02  # tiny shapes: one rank step is ~1% of this budget
-    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    expected_layer = LowRankLinear if factor_format == "plain" else PivGaLinear
+    assert any(isinstance(m, expected_layer) for m in model.modules())
     assert torch.isfinite(logits(model, calibration_ids(2))).all()
     assert {d["path"] for d in report.diagnostics.values()} <= {"cholesky", "eigh"}
 
@@ -154,7 +155,8 @@ def test_nan_weight_is_an_error_naming_the_module():
 
 def test_pivga_plans_buy_more_rank_and_reload(tmp_path):
     ids = calibration_ids()
-    plain, plain_report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6), calibration=ids, show_progress=False)
+    plain, plain_report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6, factor_format="plain"), calibration=ids,
+                                   show_progress=False)
     pivga, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6, factor_format="pivga"), calibration=ids,
                              show_progress=False)
     assert report.measured["target_params"] <= report.measured["budget"] == plain_report.measured["budget"]
@@ -172,7 +174,8 @@ def test_converting_plain_factors_to_pivga_is_lossless():
     from rankcut.layers import convert_to_pivga
 
     ids = calibration_ids()
-    model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.5), calibration=ids, show_progress=False)
+    model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.5, factor_format="plain"), calibration=ids,
+                             show_progress=False)
     before = logits(model, ids[:2])
     plain_params = sum(p.numel() for p in model.parameters())
     convert_to_pivga(model)

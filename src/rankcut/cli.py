@@ -138,7 +138,7 @@ def compress(
     allocator_option: Annotated[list[str], typer.Option("--allocator-option", "-a", help="KEY=VALUE, repeatable")] = [],
     whitening: Annotated[str, typer.Option(help="none | scale | cholesky")] = "cholesky",
     whitening_option: Annotated[list[str], typer.Option("--whitening-option", "-w", help="KEY=VALUE, repeatable")] = [],
-    factor_format: Annotated[str, typer.Option("--format", help="plain | pivga")] = "plain",
+    factor_format: Annotated[str, typer.Option("--format", help="pivga (gauge-fixed, more rank per budget) | plain")] = "pivga",
     calib: Annotated[str, typer.Option(help="calibration dataset name or file")] = "c4",
     calib_split: str = "validation",
     nsamples: int = 256,
