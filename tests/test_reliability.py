@@ -69,8 +69,9 @@ def rewrite_config(folder: Path, edit) -> None:
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, word_tokenizer):
-    """A small saved artifact; tests copy it before editing."""
-    model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6), calibration=calibration_ids(),
+    """A small saved artifact with plain factors; tests copy it before editing."""
+    model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6, factor_format="plain"),
+                             calibration=calibration_ids(),
                              show_progress=False)
     return rankcut.save(model, word_tokenizer, tmp_path_factory.mktemp("artifact") / "art", report)
 
