@@ -61,7 +61,9 @@ def main() -> None:
     dense, cells = load_cells(args.results)
     specs = sorted({s for c in cells + ([dense] if dense else []) for s in c.get("perplexity", {})})
     lines = [f"# Results: {args.title}", "", "Produced by `benchmarks/compress_matrix.py`, tabulated by "
-             "`benchmarks/make_results.py`; every figure is measured, one job at a time, on the 2-core CPU machine.", ""]
+             "`benchmarks/make_results.py`; every figure is measured on the 2-core CPU machine. `compress s` includes "
+             "calibration only for the first cell of a calibration set: later cells reuse its spectra (`--spectra-cache`). "
+             "Cells timed while other jobs shared the CPU are slower than the machine can do.", ""]
     if args.command:
         lines += ["```bash", args.command, "```", ""]
     lines += table(dense, cells, specs) + [""]
