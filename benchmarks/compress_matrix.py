@@ -1,47 +1,257 @@
 """Compress a model under a grid of settings and evaluate every cell with the same harness.
 
 Each cell (allocator x factor format x whitening x keep ratio x calibration set) writes one JSON file
-to the results folder; finished cells are skipped, so an interrupted run resumes where it stopped.
-`make_results.py` turns the folder into RESULTS.md tables and plots.
+to the results folder; `make_results.py` turns the folder into RESULTS.md tables and plots. Every
+cell, and the dense row (`--dense`, written to dense.json), can hold:
+
+- perplexity on each `--eval` spec (`dataset:split[:max_windows]`);
+- zero-shot accuracy (`--zeroshot`) on `--zeroshot-tasks` through lm-evaluation-harness, with the first
+  `--zeroshot-limit` items per task (recorded as `limit` in the JSON; on a 2-core CPU the full sets
+  take hours per model);
+- speed and memory (`--speed`): prefill tokens/s (512-token prompt), decode tokens/s (batch 1), peak
+  RSS and weight bytes, plus their ratios to the dense model's figures. Every model, dense or
+  compressed, is measured in a fresh Python process loading it from disk, so that what this process
+  ran before (calibration, lm-eval) does not weigh on its timings or its peak RSS. The dense
+  measurement is taken once per results folder, cached in dense.json and reused by every cell; it
+  is taken again when a cell was measured under other conditions (threads, torch, device, dtype,
+  probe settings). Timings are only comparable when both sides were measured on an idle machine:
+  each measurement records the 1-minute load average seen just before it.
+
+Runs resume: a cell whose JSON holds every requested evaluation is skipped; one that lacks some (say,
+perplexity done but zero-shot not) gets only the missing ones, which needs the compressed model: it
+is loaded from its artifact under `--artifacts DIR` when there is one, otherwise the cell is skipped
+with a message saying so. With `--artifacts` the cell JSON is also written after each evaluation,
+so an interrupted cell resumes without compressing again; without it, a cell's JSON is written once
+all its evaluations are done. Zero-shot is one unit: if any requested task is missing, or the stored
+results used another limit, the requested tasks are all evaluated again.
 
 Example (the SmolLM2 rows of benchmarks/RESULTS.md):
     RANKCUT_DATA=../shared/data python benchmarks/compress_matrix.py --model smollm2-135m \
-        --allocators uniform energy --keeps 0.8 0.6 --formats plain pivga --calib wikitext2:validation
+        --allocators uniform energy --keeps 0.8 0.6 --formats plain pivga --calib wikitext2:validation \
+        --eval wikitext2:test c4:validation:256 --dense --zeroshot --zeroshot-limit 200 --speed \
+        --artifacts ARTIFACTS_DIR --spectra-cache SPECTRA_DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import rankcut
 from rankcut.data import load_text
+from rankcut.evaluation.speed import compare_speed
+from rankcut.evaluation.zeroshot import DEFAULT_TASKS, evaluate_zeroshot
+
+# Run by `isolated_speed` in a fresh interpreter: argv = model source, output JSON path.
+SPEED_PROBE = """
+import json, os, sys
+import torch
+import rankcut
+from rankcut.evaluation.speed import measure_speed
+load_average = os.getloadavg()[0]
+model, tokenizer = rankcut.load_model(sys.argv[1])
+result = measure_speed(model, tokenizer)
+result.update(threads=torch.get_num_threads(), torch=torch.__version__, load_average_1min=load_average)
+with open(sys.argv[2], "w") as file:
+    json.dump(result, file)
+"""
+# What must agree for a dense and a compressed speed measurement to be compared.
+SPEED_CONDITIONS = ("prompt_tokens", "decode_tokens", "repeats", "device", "dtype", "threads", "torch")
+
+Loader = Callable[[], tuple[Any, Any]]
 
 
-def parse_eval(spec: str) -> tuple[str, str, int | None]:
-    """``name:split[:max_windows]``."""
-    parts = spec.split(":")
-    return parts[0], parts[1], int(parts[2]) if len(parts) > 2 else None
+@dataclass(frozen=True)
+class Evaluations:
+    """The evaluations a row should hold, or (from `missing`) those it still lacks."""
+
+    perplexity: tuple[str, ...] = ()
+    zeroshot: tuple[str, ...] = ()
+    zeroshot_limit: int | None = None
+    speed: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.perplexity or self.zeroshot or self.speed)
+
+    def __str__(self) -> str:
+        parts = [f"perplexity {' '.join(self.perplexity)}"] if self.perplexity else []
+        if self.zeroshot:
+            parts.append(f"zero-shot {' '.join(self.zeroshot)} (limit {self.zeroshot_limit})")
+        return ", ".join(parts + ["speed"] * self.speed)
 
 
-def evaluate(model, tokenizer, evals: list[str], seqlen: int) -> dict[str, dict]:
-    results = {}
-    for spec in evals:
-        name, split, max_windows = parse_eval(spec)
-        corpus = load_text(name, split)
-        result = rankcut.evaluate_perplexity(model, tokenizer, corpus, seqlen=seqlen, max_windows=max_windows)
-        results[spec] = result.to_dict()
-        print(f"    {spec}: ppl {result.perplexity:.3f} over {result.windows} windows ({result.seconds:.0f} s)", flush=True)
-    return results
+def missing(row: dict, wanted: Evaluations) -> Evaluations:
+    """The part of ``wanted`` that ``row`` does not hold yet."""
+    zeroshot = row.get("zeroshot")
+    zeroshot_done = zeroshot is not None and zeroshot["limit"] == wanted.zeroshot_limit and set(
+        wanted.zeroshot) <= set(zeroshot["tasks"])
+    return Evaluations(
+        perplexity=tuple(spec for spec in wanted.perplexity if spec not in row.get("perplexity", {})),
+        zeroshot=() if zeroshot_done else wanted.zeroshot,
+        zeroshot_limit=wanted.zeroshot_limit,
+        speed=wanted.speed and "speed" not in row,
+    )
 
 
-def main() -> None:
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str))
+
+
+def read_row(path: Path, model: str, new: dict) -> dict:
+    """The row stored at ``path``, or ``new``; a row of another model means the wrong results folder."""
+    if not path.exists():
+        return new
+    row = json.loads(path.read_text())
+    if row.get("model") != model:
+        raise SystemExit(f"{path} holds results for model {row.get('model')!r}, not {model!r}: use another --results")
+    return row
+
+
+def perplexity(model, tokenizer, spec: str, seqlen: int) -> dict:
+    """Perplexity on ``name:split[:max_windows]``."""
+    name, split, *windows = spec.split(":")
+    result = rankcut.evaluate_perplexity(model, tokenizer, load_text(name, split), seqlen=seqlen,
+                                         max_windows=int(windows[0]) if windows else None)
+    print(f"    {spec}: ppl {result.perplexity:.3f} over {result.windows} windows ({result.seconds:.0f} s)", flush=True)
+    return result.to_dict()
+
+
+def isolated_speed(source: str | Path) -> dict:
+    """`measure_speed` of the model at ``source`` (a model name or folder) in a fresh Python process."""
+    with tempfile.TemporaryDirectory(prefix="rankcut-speed-") as tmp:
+        out = Path(tmp) / "speed.json"
+        subprocess.run([sys.executable, "-c", SPEED_PROBE, str(source), str(out)], check=True)
+        result = json.loads(out.read_text())
+    print(f"    speed: prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} "
+          f"tok/s, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, {result['threads']} threads, "
+          f"load average {result['load_average_1min']:.2f} before", flush=True)
+    return result
+
+
+def speed_conditions(speed: dict) -> dict:
+    return {key: speed.get(key) for key in SPEED_CONDITIONS}
+
+
+def dense_speed(results: Path, model: str, like: dict) -> dict:
+    """The dense model's speed cached in dense.json, measured first when missing or taken under other
+    conditions than ``like`` (a compressed model's measurement)."""
+    path = results / "dense.json"
+    dense = read_row(path, model, {"cell": "dense", "model": model, "perplexity": {}})
+    cached = dense.get("speed")
+    if cached is not None and speed_conditions(cached) == speed_conditions(like):
+        print(f"    dense speed: reusing {path}", flush=True)
+        return cached
+    why = ("none cached" if cached is None else
+           f"cached under {speed_conditions(cached)}, this cell under {speed_conditions(like)}")
+    print(f"    dense speed: measuring ({why})", flush=True)
+    dense["speed"] = isolated_speed(model)
+    write_json(path, dense)
+    return dense["speed"]
+
+
+def add_evaluations(row: dict, todo: Evaluations, load: Loader, source: str | Path | None, args: argparse.Namespace,
+                    checkpoint: Callable[[], None]) -> None:
+    """Run the evaluations in ``todo`` into ``row``, calling ``checkpoint`` after each.
+
+    ``load`` gives ``(model, tokenizer)`` and is called only when perplexity or zero-shot needs the
+    model in this process; ``source`` is where the speed probe loads the model from.
+    """
+    for spec in todo.perplexity:
+        model, tokenizer = load()
+        row.setdefault("perplexity", {})[spec] = perplexity(model, tokenizer, spec, args.eval_seqlen)
+        checkpoint()
+    if todo.zeroshot:
+        model, tokenizer = load()
+        start = time.perf_counter()
+        row["zeroshot"] = evaluate_zeroshot(model, tokenizer, todo.zeroshot, limit=todo.zeroshot_limit)
+        print(f"    zero-shot: average acc {row['zeroshot']['average_acc']:.4f} over {len(todo.zeroshot)} tasks, "
+              f"limit {todo.zeroshot_limit} ({time.perf_counter() - start:.0f} s)", flush=True)
+        checkpoint()
+    if todo.speed:
+        row["speed"] = isolated_speed(source)
+        if row["cell"] != "dense":
+            row["speed_dense"] = dense_speed(args.results, args.model, row["speed"])
+            row["speed_ratio"] = compare_speed(row["speed_dense"], row["speed"])
+            print(f"    compressed/dense: prefill x{row['speed_ratio']['prefill_speedup']:.2f}, "
+                  f"decode x{row['speed_ratio']['decode_speedup']:.2f}", flush=True)
+        checkpoint()
+
+
+def dense_row(args: argparse.Namespace, wanted: Evaluations, environment: dict) -> None:
+    path = args.results / "dense.json"
+    row = read_row(path, args.model, {"cell": "dense", "model": args.model, "environment": environment,
+                                      "perplexity": {}})
+    todo = missing(row, wanted)
+    if not todo:
+        print(f"skip dense ({path} holds every requested evaluation)")
+        return
+    print(f"dense: {todo}", flush=True)
+    load = functools.cache(lambda: rankcut.load_model(args.model))
+    add_evaluations(row, todo, load, args.model, args, lambda: write_json(path, row))
+    gc.collect()
+
+
+def resume_cell(cell: str, path: Path, wanted: Evaluations, args: argparse.Namespace) -> None:
+    """Add to an existing cell JSON the requested evaluations it lacks, from the cell's saved artifact."""
+    row = read_row(path, args.model, {})
+    todo = missing(row, wanted)
+    if not todo:
+        print(f"skip {cell} ({path} holds every requested evaluation)")
+        return
+    artifact = args.artifacts / cell if args.artifacts else None
+    if artifact is None or not (artifact / "config.json").is_file():
+        where = f"there is no artifact at {artifact}" if artifact else "no --artifacts folder was given"
+        print(f"skip {cell}: it lacks {todo}, which needs the compressed model, and {where}; pass the --artifacts "
+              f"folder it was saved to, or delete {path} to compress it again", flush=True)
+        return
+    print(f"{cell}: adding {todo} to {path}, loading {artifact}", flush=True)
+    load = functools.cache(lambda: rankcut.load(artifact))
+    add_evaluations(row, todo, load, artifact, args, lambda: write_json(path, row))
+    gc.collect()
+
+
+def new_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted: Evaluations, args: argparse.Namespace,
+             environment: dict) -> None:
+    print(cell, flush=True)
+    model, tokenizer = rankcut.load_model(args.model)
+    start = time.perf_counter()
+    model, report = rankcut.compress(model, config, tokenizer=tokenizer, output_dir=args.results / f"{cell}-files",
+                                     spectra_cache=args.spectra_cache)
+    seconds = time.perf_counter() - start
+    print(f"    compressed in {seconds:.0f} s, {report.measured['target_params']:,} target params", flush=True)
+    row = {"cell": cell, "model": args.model, "environment": environment, "compress_seconds": seconds,
+           "report": report.to_dict(), "perplexity": {}}
+    with ExitStack() as stack:
+        checkpoint, artifact = (lambda: None), None
+        if args.artifacts:  # resumable from here on: later runs add evaluations from the artifact
+            artifact = rankcut.save(model, tokenizer, args.artifacts / cell, report, base_model=args.model,
+                                    overwrite=True)
+            checkpoint = lambda: write_json(path, row)
+            checkpoint()
+        elif wanted.speed:  # the speed probe loads the model in a fresh process
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rankcut-cell-")))
+            artifact = rankcut.save(model, tokenizer, folder / cell, report, base_model=args.model)
+        add_evaluations(row, wanted, lambda: (model, tokenizer), artifact, args, checkpoint)
+    write_json(path, row)
+    del model
+    gc.collect()
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--allocators", nargs="+", default=["uniform"])
@@ -54,31 +264,26 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval", nargs="+", default=["wikitext2:test"], help="dataset:split[:max_windows]")
     parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--zeroshot", action="store_true", help="zero-shot accuracy on --zeroshot-tasks")
+    parser.add_argument("--zeroshot-tasks", nargs="+", default=list(DEFAULT_TASKS))
+    parser.add_argument("--zeroshot-limit", type=int, help="first N items per task (default: all)")
+    parser.add_argument("--speed", action="store_true",
+                        help="prefill/decode tokens/s and memory, against the dense model")
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/smollm2"))
-    parser.add_argument("--artifacts", type=Path, help="also save each compressed model here")
+    parser.add_argument("--artifacts", type=Path, help="save each compressed model here (and resume from it)")
     parser.add_argument("--tag", default="", help="suffix for cell names (e.g. an ablation label)")
     parser.add_argument("--spectra-cache", type=Path, help="reuse spectra across cells with the same calibration")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.results.mkdir(parents=True, exist_ok=True)
     allocator_options = json.loads(args.allocator_options)
     environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                    "rankcut": rankcut.__version__}
+    wanted = Evaluations(tuple(args.eval), tuple(args.zeroshot_tasks) if args.zeroshot else (), args.zeroshot_limit,
+                         args.speed)
 
     if args.dense:
-        path = args.results / "dense.json"
-        if path.exists():
-            print(f"skip dense ({path} exists)")
-        else:
-            print("dense", flush=True)
-            model, tokenizer = rankcut.load_model(args.model)
-            result = {"cell": "dense", "model": args.model, "environment": environment,
-                      "params": sum(p.numel() for p in model.parameters()),
-                      "perplexity": evaluate(model, tokenizer, args.eval, args.eval_seqlen)}
-            path.write_text(json.dumps(result, indent=2))
-            del model
-            gc.collect()
-
+        dense_row(args, wanted, environment)
     for calib in args.calib:
         dataset, split = calib.split(":")
         for whitening in args.whitenings:
@@ -88,29 +293,14 @@ def main() -> None:
                         cell = f"{allocator}-{factor_format}-{whitening}-keep{keep:g}-{dataset}{args.tag}"
                         path = args.results / f"{cell}.json"
                         if path.exists():
-                            print(f"skip {cell} ({path} exists)")
+                            resume_cell(cell, path, wanted, args)
                             continue
-                        print(cell, flush=True)
-                        model, tokenizer = rankcut.load_model(args.model)
                         config = rankcut.CompressionConfig(
                             keep_ratio=keep, allocator=allocator, allocator_options=allocator_options.get(allocator, {}),
                             whitening=whitening, factor_format=factor_format,
                             calibration=rankcut.CalibrationConfig(dataset=dataset, split=split,
                                                                   nsamples=args.nsamples, seqlen=args.seqlen))
-                        start = time.perf_counter()
-                        model, report = rankcut.compress(model, config, tokenizer=tokenizer,
-                                                         output_dir=args.results / f"{cell}-files",
-                                                         spectra_cache=args.spectra_cache)
-                        seconds = time.perf_counter() - start
-                        print(f"    compressed in {seconds:.0f} s, {report.measured['target_params']:,} target params", flush=True)
-                        result = {"cell": cell, "model": args.model, "environment": environment,
-                                  "compress_seconds": seconds, "report": report.to_dict(),
-                                  "perplexity": evaluate(model, tokenizer, args.eval, args.eval_seqlen)}
-                        if args.artifacts:
-                            rankcut.save(model, tokenizer, args.artifacts / cell, report, base_model=args.model, overwrite=True)
-                        path.write_text(json.dumps(result, indent=2, default=str))
-                        del model
-                        gc.collect()
+                        new_cell(cell, path, config, wanted, args, environment)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Build benchmarks/RESULTS.md (tables + plots) from the JSON cells of compress_matrix.py.
 
+One section per results folder (one model each): a summary table of every cell and the dense row,
+then zero-shot accuracy per task, speed and memory, and compression details where the cells have
+them, then plots. Figures a cell lacks show as "—".
+
     python benchmarks/make_results.py --results benchmarks/results/smollm2 --out benchmarks/RESULTS.md
 """
 
@@ -7,10 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rankcut.plan import RankPlan
 from rankcut.plots import plot_pareto, plot_ranks
+
+MISSING = "—"
+# Perplexity columns always shown, in this order; other (dataset, split) pairs found get columns after them.
+PPL_COLUMNS = {("wikitext2", "test"): "WikiText-2 test ppl", ("c4", "validation"): "C4 ppl"}
 
 
 def load_cells(folder: Path) -> tuple[dict | None, list[dict]]:
@@ -24,67 +35,200 @@ def load_cells(folder: Path) -> tuple[dict | None, list[dict]]:
     return dense, cells
 
 
-def ppl(cell: dict, spec: str) -> str:
-    value = cell.get("perplexity", {}).get(spec)
-    return f"{value['perplexity']:.2f}" if value else "–"
+def fmt(value: float | None, spec: str) -> str:
+    return MISSING if value is None else format(value, spec)
 
 
-def table(dense: dict | None, cells: list[dict], specs: list[str]) -> list[str]:
-    header = ["allocator", "format", "whitening", "calibration", "keep", "target params", "achieved keep",
-              *[f"ppl {s}" for s in specs], "compress s", "allocate s", "peak GiB"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    if dense:
-        lines.append("| dense | – | – | – | 1.0 | – | 1.0 | " + " | ".join(ppl(dense, s) for s in specs) + " | – | – | – |")
-    key = lambda c: (c["report"]["config"]["calibration"]["dataset"], c["report"]["config"]["whitening"],
-                     -c["report"]["config"]["keep_ratio"], c["report"]["config"]["factor_format"],
-                     c["report"]["config"]["allocator"])
-    for cell in sorted(cells, key=key):
-        report, config = cell["report"], cell["report"]["config"]
-        measured = report["measured"]
-        lines.append("| " + " | ".join([
-            config["allocator"], config["factor_format"], config["whitening"],
-            f"{config['calibration']['dataset']} {config['calibration']['nsamples']}x{config['calibration']['seqlen']}",
-            f"{config['keep_ratio']:g}", f"{measured['target_params']:,}", f"{measured['target_keep_ratio']:.4f}",
-            *[ppl(cell, s) for s in specs], f"{cell['compress_seconds']:.0f}",
-            f"{report['timings'].get('allocate', 0):.1f}", f"{report['peak_memory_bytes'] / 2**30:.2f}",
-        ]) + " |")
-    return lines
+def render(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, default=Path("benchmarks/results/smollm2"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
-    parser.add_argument("--title", default="SmolLM2-135M")
-    parser.add_argument("--command", default="", help="the command that produced the cells, recorded in the page")
-    args = parser.parse_args()
-    dense, cells = load_cells(args.results)
-    specs = sorted({s for c in cells + ([dense] if dense else []) for s in c.get("perplexity", {})})
-    lines = [f"# Results: {args.title}", "", "Produced by `benchmarks/compress_matrix.py`, tabulated by "
-             "`benchmarks/make_results.py`; every figure is measured on the 2-core CPU machine. `compress s` includes "
-             "calibration only for the first cell of a calibration set: later cells reuse its spectra (`--spectra-cache`). "
-             "Cells timed while other jobs shared the CPU are slower than the machine can do.", ""]
-    if args.command:
-        lines += ["```bash", args.command, "```", ""]
-    lines += table(dense, cells, specs) + [""]
-    figures = args.out.parent / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
+def perplexity_entry(row: dict, dataset: str, split: str) -> dict | None:
+    """The row's perplexity on ``dataset``/``split`` over the most windows it was evaluated on."""
+    entries = [e for e in row.get("perplexity", {}).values() if (e["dataset"], e["split"]) == (dataset, split)]
+    return max(entries, key=lambda e: e["windows"], default=None)
+
+
+def zeroshot_summary(row: dict) -> tuple[float, tuple[str, ...], int | None] | None:
+    """Mean acc over the tasks the row has, those tasks and the item limit per task."""
+    zeroshot = row.get("zeroshot")
+    accs = {task: m["acc"] for task, m in (zeroshot or {}).get("tasks", {}).items() if "acc" in m}
+    if not accs:
+        return None
+    return sum(accs.values()) / len(accs), tuple(sorted(accs)), zeroshot["limit"]
+
+
+def limit_text(limit: int | None) -> str:
+    return "all items" if limit is None else f"first {limit} items per task"
+
+
+def label(cell: dict) -> list[str]:
+    """allocator, format, whitening, keep, calibration."""
+    config = cell["report"]["config"]
+    calib = config["calibration"]
+    return [config["allocator"], config["factor_format"], config["whitening"], f"{config['keep_ratio']:g}",
+            f"{calib['dataset']} {calib['nsamples']}x{calib['seqlen']}"]
+
+
+def sort_key(cell: dict) -> tuple:
+    config = cell["report"]["config"]
+    return (config["calibration"]["dataset"], config["whitening"], -config["keep_ratio"], config["factor_format"],
+            config["allocator"])
+
+
+def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
+    """The main table: one row per cell plus the dense row, with notes on how to read it."""
+    rows = ([dense] if dense else []) + cells
+    pairs = {(e["dataset"], e["split"]) for r in rows for e in r.get("perplexity", {}).values()}
+    ppl_columns = {**PPL_COLUMNS, **{p: f"{p[0]} {p[1]} ppl" for p in sorted(pairs - PPL_COLUMNS.keys())}}
+    most_windows = {p: max((e["windows"] for r in rows if (e := perplexity_entry(r, *p))), default=0)
+                    for p in ppl_columns}
+    zeroshot = {id(r): s for r in rows if (s := zeroshot_summary(r))}
+    common = Counter(s[1:] for s in zeroshot.values()).most_common(1)
+    common = common[0][0] if common else None
+
+    def ppl(row: dict, pair: tuple[str, str]) -> str:
+        entry = perplexity_entry(row, *pair)
+        if entry is None:
+            return MISSING
+        partial = f" ({entry['windows']} windows)" if entry["windows"] < most_windows[pair] else ""
+        return f"{entry['perplexity']:.2f}{partial}"
+
+    def accuracy(row: dict) -> str:
+        if id(row) not in zeroshot:
+            return MISSING
+        average, tasks, limit = zeroshot[id(row)]
+        other = f" ({len(tasks)} tasks, {limit_text(limit)})" if (tasks, limit) != common else ""
+        return f"{average:.4f}{other}"
+
+    def speedup(row: dict, key: str) -> str:
+        if row is dense:
+            return "1.00" if "speed" in row else MISSING
+        return fmt(row.get("speed_ratio", {}).get(key), ".2f")
+
+    header = ["allocator", "format", "whitening", "keep", "calib", *ppl_columns.values(), "zero-shot avg acc",
+              "compress s", "allocate s", "prefill ×dense", "decode ×dense", "measured keep"]
+    body = []
+    for row in rows:
+        if row is dense:
+            setting, seconds, allocate, keep = ["dense", MISSING, MISSING, "1", MISSING], MISSING, MISSING, "1"
+        else:
+            setting, seconds = label(row), f"{row['compress_seconds']:.0f}"
+            allocate = fmt(row["report"]["timings"].get("allocate"), ".1f")
+            keep = f"{row['report']['measured']['target_keep_ratio']:.4f}"
+        body.append([*setting, *(ppl(row, p) for p in ppl_columns), accuracy(row), seconds, allocate,
+                     speedup(row, "prefill_speedup"), speedup(row, "decode_speedup"), keep])
+    notes = ["`compress s` is the whole `rankcut.compress` call, `allocate s` the allocator's share of it. "
+             "A perplexity measured on fewer windows than other rows shows its window count."]
+    if common:
+        caveat = "" if common[1] is None else "; with a limit, accuracies are indicative, not comparable with full sets"
+        notes.append(f"Zero-shot: mean `acc` over {len(common[0])} tasks ({', '.join(common[0])}), "
+                     f"{limit_text(common[1])}{caveat}. Rows over other tasks or limits say so.")
+    if any("speed" in r for r in rows):
+        notes.append("`prefill ×dense` / `decode ×dense`: the compressed model's tokens/s over the dense model's "
+                     "(512-token prompt, batch-1 decode), each measured in a fresh process; comparable only when "
+                     "both were measured on an idle machine (see the load average in the speed table).")
+    return render(header, body) + [line for note in notes for line in ("", note)]
+
+
+def detail_table(rows: list[dict], columns: dict[str, Callable[[dict], str]]) -> list[str]:
+    return render(["cell", *columns], [[row["cell"], *(f(row) for f in columns.values())] for row in rows])
+
+
+def zeroshot_table(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r.get("zeroshot")]
+    tasks = sorted({t for r in rows for t in r["zeroshot"]["tasks"]})
+    columns: dict[str, Callable[[dict], str]] = {
+        t: (lambda r, t=t: fmt(r["zeroshot"]["tasks"].get(t, {}).get("acc"), ".4f")) for t in tasks}
+    columns["avg acc"] = lambda r: fmt((zeroshot_summary(r) or (None,))[0], ".4f")
+    columns["items per task"] = lambda r: "all" if r["zeroshot"]["limit"] is None else str(r["zeroshot"]["limit"])
+    columns["source"] = lambda r: r["zeroshot"]["source"]
+    return detail_table(rows, columns) if rows else []
+
+
+def speed_table(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r.get("speed")]
+
+    def ratio(key: str) -> Callable[[dict], str]:
+        return lambda r: fmt(r.get("speed_ratio", {}).get(key), ".2f")
+
+    def mib(key: str) -> Callable[[dict], str]:
+        return lambda r: fmt(r["speed"][key] / 2**20 if r["speed"].get(key) is not None else None, ".1f")
+
+    columns: dict[str, Callable[[dict], str]] = {
+        "prefill tok/s": lambda r: f"{r['speed']['prefill_tokens_per_s']:.0f}",
+        "decode tok/s": lambda r: f"{r['speed']['decode_tokens_per_s']:.1f}",
+        "peak RSS MiB": mib("peak_rss_bytes"),
+        "weights MiB": mib("weight_bytes"),
+        "prefill ×": ratio("prefill_speedup"),
+        "decode ×": ratio("decode_speedup"),
+        "peak RSS ×": ratio("peak_rss_ratio"),
+        "weights ×": ratio("weight_bytes_ratio"),
+        "threads": lambda r: str(r["speed"].get("threads", MISSING)),
+        "load avg before": lambda r: fmt(r["speed"].get("load_average_1min"), ".2f"),
+    }
+    return detail_table(rows, columns) if rows else []
+
+
+def compression_table(cells: list[dict]) -> list[str]:
+    columns: dict[str, Callable[[dict], str]] = {
+        "target params": lambda c: f"{c['report']['measured']['target_params']:,}",
+        "model params": lambda c: f"{c['report']['measured']['model_params']:,}",
+        "peak GiB": lambda c: f"{c['report']['peak_memory_bytes'] / 2**30:.2f}",
+        "phases (s)": lambda c: ", ".join(f"{k} {v:.1f}" for k, v in c["report"]["timings"].items()),
+    }
+    return detail_table(cells, columns) if cells else []
+
+
+def section(folder: Path, figures: Path) -> list[str]:
+    """Tables and plots of one results folder (one model)."""
+    dense, cells = load_cells(folder)
+    cells.sort(key=sort_key)
+    rows: list[dict[str, Any]] = ([dense] if dense else []) + cells
+    model = rows[0]["model"] if rows else folder.name
+    lines = [f"## {model}", "", *summary_table(dense, cells), ""]
+    for title, table in (("Zero-shot accuracy per task", zeroshot_table(rows)),
+                         ("Speed and memory", speed_table(rows)), ("Compression", compression_table(cells))):
+        if table:
+            lines += [f"### {title}", "", *table, ""]
+    specs = sorted({s for r in rows for s in r.get("perplexity", {})})
     for spec in specs:
         points = [(f"{c['report']['config']['allocator']}/{c['report']['config']['factor_format']}/"
                    f"{c['report']['config']['whitening']}/{c['report']['config']['calibration']['dataset']}",
                    c["report"]["config"]["keep_ratio"], c["perplexity"][spec]["perplexity"])
                   for c in cells if spec in c.get("perplexity", {})]
         if points:
-            name = f"pareto-{args.results.name}-{spec.replace(':', '-')}.png"
+            name = f"pareto-{folder.name}-{spec.replace(':', '-')}.png"
             plot_pareto(points, figures / name, dense=dense["perplexity"][spec]["perplexity"] if dense and spec in dense.get("perplexity", {}) else None,
                         ylabel=f"perplexity {spec}")
             lines += [f"![perplexity against keep ratio, {spec}](figures/{name})", ""]
     plans = {c["cell"]: RankPlan.from_dict(c["report"]["plan"]) for c in cells
              if c["report"]["config"]["allocator"] != "uniform"}
     if plans:
-        name = f"ranks-{args.results.name}.png"
+        name = f"ranks-{folder.name}.png"
         plot_ranks(dict(list(plans.items())[:4]), figures / name)
         lines += [f"![ranks per layer and module type](figures/{name})", ""]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, nargs="+", default=[Path("benchmarks/results/smollm2")],
+                        help="results folders of compress_matrix.py, one per model")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
+    parser.add_argument("--title", default="SmolLM2-135M", help="page title; each results folder gets a section")
+    parser.add_argument("--command", default="", help="the command that produced the cells, recorded in the page")
+    args = parser.parse_args(argv)
+    lines = [f"# Results: {args.title}", "", "Produced by `benchmarks/compress_matrix.py`, tabulated by "
+             "`benchmarks/make_results.py`; every figure is measured on the 2-core CPU machine. `compress s` includes "
+             "calibration only for the first cell of a calibration set: later cells reuse its spectra (`--spectra-cache`). "
+             "Cells timed while other jobs shared the CPU are slower than the machine can do.", ""]
+    if args.command:
+        lines += ["```bash", args.command, "```", ""]
+    figures = args.out.parent / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for folder in args.results:
+        lines += section(folder, figures)
     args.out.write_text("\n".join(lines))
     print(args.out.read_text())
 

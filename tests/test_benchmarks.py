@@ -1,0 +1,78 @@
+"""The benchmark scripts end to end on a tiny model: compress_matrix.py fills cells (resuming the
+evaluations a cell lacks from its artifact), make_results.py renders them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def script(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (registered in sys.modules, which dataclasses need)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(markdown: str, first_column: str) -> list[dict[str, str]]:
+    """The rows of the Markdown table whose header starts with ``first_column``, as dicts."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    def split(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip("|").split("|")]
+
+    header, rows = split(lines[start]), []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, split(line))))
+    return rows
+
+
+def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_path, capsys):
+    matrix, results_script = script("compress_matrix"), script("make_results")
+    results, artifacts = tmp_path / "results", tmp_path / "artifacts"
+    common = ["--model", str(tiny_folder), "--keeps", "0.6", "--formats", "pivga", "--calib", "wikitext2:validation",
+              "--nsamples", "4", "--seqlen", "32", "--eval", "wikitext2:test:2", "c4:validation:2",
+              "--eval-seqlen", "32", "--results", str(results)]
+    cell_path = results / "uniform-pivga-cholesky-keep0.6-wikitext2.json"
+
+    matrix.main(common + ["--artifacts", str(artifacts)])
+    first = json.loads(cell_path.read_text())
+    assert set(first["perplexity"]) == {"wikitext2:test:2", "c4:validation:2"} and "zeroshot" not in first
+
+    more = ["--dense", "--zeroshot", "--zeroshot-limit", "2", "--speed"]
+    matrix.main(common + more)  # no artifact to load the cell from: only the dense row is filled
+    assert "it lacks zero-shot" in capsys.readouterr().out
+    assert json.loads(cell_path.read_text()) == first
+    dense_speed = json.loads((results / "dense.json").read_text())["speed"]
+
+    matrix.main(common + more + ["--artifacts", str(artifacts)])
+    assert "dense speed: reusing" in capsys.readouterr().out
+    cell = json.loads(cell_path.read_text())
+    assert cell["report"] == first["report"] and cell["compress_seconds"] == first["compress_seconds"]
+    assert cell["zeroshot"]["limit"] == 2 and len(cell["zeroshot"]["tasks"]) == 8
+    assert cell["speed_dense"] == dense_speed == json.loads((results / "dense.json").read_text())["speed"]
+    assert cell["speed"]["prompt_tokens"] == 512 and cell["speed_ratio"]["decode_speedup"] > 0
+
+    out = tmp_path / "RESULTS.md"
+    results_script.main(["--results", str(results), "--out", str(out)])
+    page = out.read_text()
+    rows = table_rows(page, "allocator")
+    assert [row["allocator"] for row in rows] == ["dense", "uniform"]
+    for row in rows:
+        for column in ("WikiText-2 test ppl", "C4 ppl", "zero-shot avg acc", "prefill ×dense", "decode ×dense",
+                       "measured keep"):
+            assert math.isfinite(float(row[column])), (column, row)
+    assert math.isfinite(float(rows[1]["compress s"])) and math.isfinite(float(rows[1]["allocate s"]))
+    assert "first 2 items per task" in page
+    assert len(table_rows(page, "cell")) == 2  # zero-shot per task: dense and the cell
+    assert (tmp_path / "figures" / "pareto-results-wikitext2-test-2.png").is_file()
