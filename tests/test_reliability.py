@@ -29,7 +29,7 @@ from rankcut.artifacts import MANIFEST, RankcutConfig, _write_manifest
 from rankcut.cli import app
 from rankcut.data import load_text
 from rankcut.errors import ArtifactError, ConfigError, DataNotFoundError, FactorizationError, RankcutError
-from rankcut.workdir import WorkDir
+from rankcut.workdir import WorkDir, write_atomically, write_json
 
 compress_module = importlib.import_module("rankcut.compress")  # `rankcut.compress` is the function
 workdir_module = importlib.import_module("rankcut.workdir")
@@ -199,6 +199,30 @@ def test_disk_full_while_checkpointing(tmp_path, monkeypatch):
     with pytest.raises(RankcutError, match="the disk is full: free some space or pass another --work-dir"):
         run_compress(tmp_path / "work")
     assert not list((tmp_path / "work" / "spectra").iterdir())  # no temporary file left behind
+
+
+def test_atomic_write_helper_shared_by_checkpoints_and_caches(tmp_path):
+    path = tmp_path / "table.json"
+    names = []
+
+    def write(temporary):
+        names.append(temporary.name)
+        temporary.write_text("old")
+
+    write_atomically(path, write)
+    write_atomically(path, write, unique=True)  # concurrent writers of a shared cache: one temporary each
+    assert names == [".table.json.tmp", f".table.json.{os.getpid()}.tmp"]
+    write_json(path, {"a": 1}, indent=None, unique=True)
+    assert path.read_text() == '{"a": 1}'
+
+    def disk_full(temporary):
+        temporary.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(RankcutError, match=r"could not write the cache .*table\.json .*the disk is full: free some "
+                                           "space or use another folder"):
+        write_atomically(path, disk_full, what="cache", elsewhere="use another folder", unique=True)
+    assert path.read_text() == '{"a": 1}' and [p.name for p in tmp_path.iterdir()] == ["table.json"]
 
 
 def test_killed_cli_run_resumes_to_identical_plan_and_logits(tmp_path, word_tokenizer, data_dir):

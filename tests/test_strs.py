@@ -10,8 +10,8 @@ from conftest import assert_budget_met
 from rankcut import CompressionConfig, compress
 from rankcut.allocation import AllocationContext, create_allocator
 from rankcut.allocation.spectral import language_model_loss
-from rankcut.allocation.strs import SensitivityRunner, StrsConfig, candidate_ranks, threshold_ranks
-from rankcut.errors import ConfigError
+from rankcut.allocation.strs import SensitivityRunner, StrsConfig, _write_cache, candidate_ranks, threshold_ranks
+from rankcut.errors import ConfigError, RankcutError
 from rankcut.plan import DENSE, Budget
 
 STATES = 64  # the Markov chain below uses the first 64 token ids
@@ -143,6 +143,18 @@ def test_cache_is_written_and_reused(trained, tmp_path):
     files[0].write_text("{not json")
     assert not create_allocator("strs", OPTIONS).allocate(context_for(trained, cache_dir=tmp_path)).info["cache_hit"]
     assert json.loads(files[0].read_text())["key"]  # rewritten
+
+
+def test_cache_write_is_atomic_and_failures_are_clear(tmp_path):
+    path = tmp_path / "cache" / "strs-key.json"
+    _write_cache(path, {"key": "k"})  # creates the folder
+    assert json.loads(path.read_text()) == {"key": "k"} and [p.name for p in path.parent.iterdir()] == [path.name]
+    blocked = tmp_path / "cache" / "strs-dir.json"
+    blocked.mkdir()  # os.replace cannot put a file over a folder
+    with pytest.raises(RankcutError, match=r"could not write the strs sensitivity cache .*strs-dir\.json .*check the "
+                                           "folder or point RANKCUT_CACHE to another folder"):
+        _write_cache(blocked, {"key": "k"})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["strs-dir.json", "strs-key.json"]  # no temporary left
 
 
 def test_same_seed_same_plan(trained):

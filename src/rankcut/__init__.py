@@ -8,7 +8,7 @@
 """
 
 from . import artifacts  # registers the "rankcut" format with transformers' from_pretrained
-from .allocation import ALLOCATORS, AllocationContext, Allocator, create_allocator
+from .allocation import ALLOCATORS, Allocation, AllocationContext, Allocator, create_allocator
 from .api import save
 from .artifacts import load, verify_artifact
 from .compress import CalibrationConfig, CompressionConfig, CompressionReport, compress
@@ -23,8 +23,8 @@ from .whitening import WHITENERS
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALLOCATORS", "AllocationContext", "Allocator", "BUNDLED", "Budget", "CalibrationConfig", "CompressionConfig",
-    "CompressionReport", "PerplexityResult", "RankPlan", "RankcutError", "TargetModule", "TextCorpus", "WHITENERS",
-    "compress", "create_allocator", "evaluate_perplexity", "find_targets", "load", "load_model", "load_text",
-    "sample_calibration", "save", "verify_artifact",
+    "ALLOCATORS", "Allocation", "AllocationContext", "Allocator", "BUNDLED", "Budget", "CalibrationConfig",
+    "CompressionConfig", "CompressionReport", "PerplexityResult", "RankPlan", "RankcutError", "TargetModule",
+    "TextCorpus", "WHITENERS", "compress", "create_allocator", "evaluate_perplexity", "find_targets", "load",
+    "load_model", "load_text", "sample_calibration", "save", "verify_artifact",
 ]

@@ -90,21 +90,43 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [prefix.rstrip(".")]
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through ``.NAME.tmp`` and ``os.replace``; a failure leaves the previous file (or none)."""
-    temporary = path.with_name(f".{path.name}.tmp")
+def write_atomically(path: Path, write: Callable[[Path], None], *, what: str = "file",
+                     elsewhere: str = "choose another folder", unique: bool = False) -> None:
+    """Call ``write`` on a temporary file next to ``path``, then move it into place with ``os.replace``:
+    a reader (or a process killed meanwhile) sees the previous file or the whole new one, never a
+    partial one. On failure the temporary file is removed, the previous file (or none) stays, and the
+    :class:`RankcutError` says what was being written (``what``: "checkpoint", "cache", ...) and what
+    else to try (``elsewhere``: "pass another --work-dir", ...).
+
+    The temporary file is ``.NAME.tmp``. With ``unique`` it is ``.NAME.PID.tmp``: for files that several
+    processes may write at once (a shared cache), so no writer writes into, or moves, another's
+    half-written temporary; the last ``os.replace`` wins. Work folders are locked to one process, so
+    they use the fixed name (a leftover of a killed run is simply overwritten).
+    """
+    suffix = f".{os.getpid()}.tmp" if unique else ".tmp"
+    temporary = path.with_name(f".{path.name}{suffix}")
     try:
         write(temporary)
         os.replace(temporary, path)
     except (OSError, SafetensorError) as error:
         temporary.unlink(missing_ok=True)
-        hint = "the disk is full: free some space or" if is_disk_full(error) else "check the folder or"
-        message = f"could not write the checkpoint {path} ({error}); {hint} pass another --work-dir"
-        raise RankcutError(message) from error
+        hint = "the disk is full: free some space" if is_disk_full(error) else "check the folder"
+        raise RankcutError(f"could not write the {what} {path} ({error}); {hint} or {elsewhere}") from error
+
+
+def write_json(path: Path, data: Any, *, indent: int | None = 2, what: str = "file",
+               elsewhere: str = "choose another folder", unique: bool = False) -> None:
+    """``data`` as JSON, written atomically (:func:`write_atomically`)."""
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(data, indent=indent)),
+                     what=what, elsewhere=elsewhere, unique=unique)
+
+
+def _write_checkpoint(path: Path, write: Callable[[Path], None]) -> None:
+    write_atomically(path, write, what="checkpoint", elsewhere="pass another --work-dir")
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _write_atomically(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2)))
+    write_json(path, data, what="checkpoint", elsewhere="pass another --work-dir")
 
 
 def _unreadable(path: Path, error: Exception) -> RankcutError:
@@ -138,12 +160,12 @@ class BlockCheckpoints:
                             f"{name}/b_full": spectrum.b_full.contiguous()})
         metadata = {"block": str(index), "modules": json.dumps(list(spectra)),  # forward order
                     "diagnostics": json.dumps(dict(diagnostics))}
-        _write_atomically(self._block_file(index), lambda path: save_file(tensors, path, metadata))
+        _write_checkpoint(self._block_file(index), lambda path: save_file(tensors, path, metadata))
 
     def save_activations(self, next_block: int, hidden: Sequence[torch.Tensor]) -> None:
         """Record that blocks before ``next_block`` are done; keep ``hidden`` only if a block remains."""
         tensors = {f"batch.{i}": h.contiguous() for i, h in enumerate(hidden)} if next_block < self.blocks else {}
-        _write_atomically(self.folder / ACTIVATIONS,
+        _write_checkpoint(self.folder / ACTIVATIONS,
                           lambda path: save_file(tensors, path, {"next_block": str(next_block)}))
 
     def resume(self, device: torch.device) -> Resumed:

@@ -40,7 +40,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -49,7 +49,7 @@ from ..errors import ConfigError
 from ..plan import DENSE, Budget, Rank, RankPlan
 from ..progress import progress_bar
 from ..registry import PluginConfig
-from .base import ALLOCATORS, AllocationContext, Allocator, energy_priority
+from .base import ALLOCATORS, Allocation, AllocationContext, Allocator, Priority, energy_priority
 from .baselines import uniform_rank
 from .spectral import SpectralLinear, batches, gradient_checkpointing, language_model_loss, spectral_view
 
@@ -201,13 +201,10 @@ class ARAAllocator(Allocator):
     """Trains staircase-mask logits on calibration text with the model and factors frozen."""
 
     needs_model = True
+    config: ARAConfig
 
-    def __init__(self, config: ARAConfig) -> None:
-        super().__init__(config)
-        self._soft: dict[str, torch.Tensor] | None = None  # learned soft masks, for :meth:`priority`
-
-    def allocate_ranks(self, context: AllocationContext) -> tuple[dict[str, Rank], dict[str, Any]]:
-        config: ARAConfig = self.config  # type: ignore[assignment]
+    def allocate_ranks(self, context: AllocationContext) -> Allocation:
+        config = self.config
         model, budget = context.model, context.budget
         if model is None or context.calibration is None:
             raise ConfigError("ara trains on calibration text: it needs the model and calibration token ids")
@@ -246,9 +243,13 @@ class ARAAllocator(Allocator):
 
         with torch.no_grad():
             final = masks.masks()
-        self._soft = {name: mask.soft.detach().cpu() for name, mask in final.items()}
         trained = {name: mask.rank for name, mask in final.items()}
-        ranks = budget.rescale(trained, self.priority(context))
+        # the remainder goes by the learned soft masks' vote for the next component (or by energy)
+        if config.fill_priority == "energy":
+            priority = energy_priority(context)
+        else:
+            priority = mask_priority(budget, {name: mask.soft.detach().cpu() for name, mask in final.items()})
+        ranks = budget.rescale(trained, priority)
         info: dict[str, Any] = {
             "settings": {"device": str(device), "autocast_bf16": bf16, "checkpointing": checkpointing,
                          "windows": list(windows.shape),
@@ -262,14 +263,7 @@ class ARAAllocator(Allocator):
         }
         if context.output_dir is not None:
             info["plot"] = self._plot(ranks, budget, context)
-        return ranks, info
-
-    def priority(self, context: AllocationContext):
-        """Spend the remainder on the highest learned soft-mask value of the next component per
-        parameter (energy per parameter before training or with ``fill_priority="energy"``)."""
-        if self._soft is None or self.config.fill_priority == "energy":  # type: ignore[attr-defined]
-            return energy_priority(context)
-        return mask_priority(context.budget, self._soft)
+        return Allocation(ranks, info, priority)
 
     def _plot(self, ranks: dict[str, Rank], budget: Budget, context: AllocationContext) -> str | None:
         from ..plots import plot_ranks
@@ -283,7 +277,7 @@ class ARAAllocator(Allocator):
             return None
 
 
-def mask_priority(budget: Budget, soft: dict[str, torch.Tensor]) -> Callable[[str, int], float]:
+def mask_priority(budget: Budget, soft: dict[str, torch.Tensor]) -> Priority:
     """``m_{k+1}`` per parameter of the step from rank k: the learned mask's vote for the next component."""
 
     def mask_value(name: str, rank: int) -> float:

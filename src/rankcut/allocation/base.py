@@ -1,11 +1,17 @@
-"""The allocator interface: spectra + budget (+ model and calibration data) in, a RankPlan out."""
+"""The allocator interface: spectra + budget (+ model and calibration data) in, a RankPlan out.
+
+An allocator implements :meth:`Allocator.allocate_ranks`, which returns an :class:`Allocation`: ranks
+within the budget, a JSON summary, and the priority by which :meth:`Budget.fill` spends what is left
+of the budget. Everything an allocation needs travels in its result, so allocator objects hold only
+their config: one instance can allocate any number of times, for any contexts, in any order.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -14,6 +20,10 @@ from ..decomposition import Spectrum
 from ..plan import Budget, RankPlan, Rank
 from ..registry import PluginConfig, Registry
 from ..targets import TargetModule
+
+Priority = Callable[[str, int], float]
+"""``priority(name, rank)``: how much adding one step to module ``name``, now at ``rank``, is worth
+(per parameter); :meth:`Budget.fill` takes the highest first."""
 
 
 @dataclass
@@ -30,12 +40,29 @@ class AllocationContext:
     output_dir: Path | None = None  # where an allocator may leave plots and caches
     cache_dir: Path | None = None  # shared cache for expensive, reusable intermediate results
     # This run's own checkpoint folder (None: not resumable). A long-training allocator may save its
-    # state here (atomically: temp file + os.replace) and pick it up when the interrupted run is rerun;
-    # the folder is deleted once the run's result is saved. See rankcut.workdir.
+    # state here (atomically: rankcut.workdir.write_atomically) and pick it up when the interrupted run
+    # is rerun; the folder is deleted once the run's result is saved. See rankcut.workdir.
     work_dir: Path | None = None
 
 
+@dataclass
+class Allocation:
+    """What :meth:`Allocator.allocate_ranks` decided.
+
+    ``ranks`` lie within the budget but need not fill it; ``info`` is a JSON-serializable summary of
+    the run (saved in the plan); ``priority`` is how :meth:`Budget.fill` spends the leftover budget
+    (None: :func:`energy_priority`, the whitened energy gained per parameter). An allocator that
+    fills or rescales its ranks itself should return the priority it used, so the final fill agrees.
+    """
+
+    ranks: dict[str, Rank]
+    info: dict[str, Any] = field(default_factory=dict)
+    priority: Priority | None = None
+
+
 class Allocator(ABC):
+    """A rank allocator: a registered plug-in holding only its (validated) config; see :class:`Allocation`."""
+
     name: ClassVar[str]
     config_class: ClassVar[type[PluginConfig]]
     needs_spectra: ClassVar[bool] = True  # False: the plan depends on shapes alone (uniform)
@@ -45,25 +72,28 @@ class Allocator(ABC):
         self.config = config
 
     @abstractmethod
-    def allocate_ranks(self, context: AllocationContext) -> tuple[dict[str, Rank], dict[str, Any]]:
-        """Ranks within ``context.budget`` (not necessarily filled) and a JSON summary of the run."""
-
-    def priority(self, context: AllocationContext):
-        """How :meth:`Budget.fill` spends the leftover budget: by default, the whitened energy gained
-        per parameter by the next rank (a module going dense gains its whole tail)."""
-        return energy_priority(context)
+    def allocate_ranks(self, context: AllocationContext) -> Allocation:
+        """Ranks within ``context.budget`` (not necessarily filled), a JSON summary of the run, and the
+        fill priority. Keep results in the returned :class:`Allocation`, not on ``self``."""
 
     def allocate(self, context: AllocationContext) -> RankPlan:
-        ranks, info = self.allocate_ranks(context)
+        """:meth:`allocate_ranks`, then fill the budget exactly with the allocation's priority."""
+        allocation = self.allocate_ranks(context)
+        if not isinstance(allocation, Allocation):
+            raise TypeError(f"allocator {self.name!r}: allocate_ranks must return an Allocation, "
+                            f"got {type(allocation).__name__}")
         budget = context.budget
-        filled = budget.fill(ranks, self.priority(context))
+        priority = allocation.priority if allocation.priority is not None else energy_priority(context)
+        filled = budget.fill(allocation.ranks, priority)
         plan = RankPlan(filled, dict(budget.shapes), budget.keep_ratio, budget.factor_format,
-                        self.name, self.config.to_dict(), info)
+                        self.name, self.config.to_dict(), allocation.info)
         plan.check_budget()
         return plan
 
 
-def energy_priority(context: AllocationContext):
+def energy_priority(context: AllocationContext) -> Priority:
+    """The whitened energy ``σ²`` gained per parameter by the next rank of a module (going dense
+    gains its whole tail): the default fill priority."""
     budget = context.budget
     tails = {name: spectrum.tail_energy() for name, spectrum in context.spectra.items()}
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from ..plan import Rank
+from ..plan import Budget, Rank
 from ..registry import PluginConfig
-from .base import ALLOCATORS, AllocationContext, Allocator
+from .base import ALLOCATORS, Allocation, AllocationContext, Allocator, Priority
 
 
 def uniform_rank(out_features: int, in_features: int, keep_ratio: float, factor_format: str) -> int:
@@ -19,6 +18,16 @@ def uniform_rank(out_features: int, in_features: int, keep_ratio: float, factor_
         s = m + n
         return math.floor((s - math.sqrt(s * s - 4 * keep_ratio * m * n)) / 2 + 1e-9)
     return math.floor(keep_ratio * m * n / (m + n) + 1e-9)
+
+
+def deficit_priority(budget: Budget) -> Priority:
+    """Spend the rounding remainder on the modules furthest below the common keep ratio."""
+
+    def deficit(name: str, rank: int) -> float:
+        m, n = budget.shapes[name]
+        return budget.keep_ratio - budget.cost(name, rank) / (m * n)
+
+    return deficit
 
 
 @dataclass
@@ -32,23 +41,13 @@ class UniformAllocator(Allocator):
 
     needs_spectra = False
 
-    def allocate_ranks(self, context: AllocationContext) -> tuple[dict[str, Rank], dict[str, Any]]:
+    def allocate_ranks(self, context: AllocationContext) -> Allocation:
         budget = context.budget
         ranks: dict[str, Rank] = {}
         for name, (m, n) in budget.shapes.items():
             rank = max(1, uniform_rank(m, n, budget.keep_ratio, budget.factor_format))
             ranks[name] = budget.normalize(name, rank)
-        return ranks, {}
-
-    def priority(self, context: AllocationContext):
-        """Spend the rounding remainder on the modules furthest below the common keep ratio."""
-        budget = context.budget
-
-        def deficit(name: str, rank: int) -> float:
-            m, n = budget.shapes[name]
-            return budget.keep_ratio - budget.cost(name, rank) / (m * n)
-
-        return deficit
+        return Allocation(ranks, {}, deficit_priority(budget))
 
 
 @dataclass
@@ -60,7 +59,7 @@ class EnergyConfig(PluginConfig):
 class EnergyAllocator(Allocator):
     """Global greedy on whitened ``σ_i²`` per parameter: the exact optimum of the sum of layer-local
     output errors when costs are linear in rank. Starts every module at rank 1 and spends the whole
-    budget through :meth:`Budget.fill`."""
+    budget through :meth:`Budget.fill` with the default (energy) priority."""
 
-    def allocate_ranks(self, context: AllocationContext) -> tuple[dict[str, Rank], dict[str, Any]]:
-        return {name: 1 for name in context.budget.shapes}, {}
+    def allocate_ranks(self, context: AllocationContext) -> Allocation:
+        return Allocation({name: 1 for name in context.budget.shapes})

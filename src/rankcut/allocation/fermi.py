@@ -60,7 +60,7 @@ from ..errors import ConfigError
 from ..plan import DENSE, Budget, Rank, RankPlan
 from ..progress import progress_bar
 from ..registry import PluginConfig
-from .base import ALLOCATORS, AllocationContext, Allocator
+from .base import ALLOCATORS, Allocation, AllocationContext, Allocator
 from .baselines import uniform_rank
 from .spectral import SpectralLinear, batches, gradient_checkpointing, language_model_loss, spectral_view
 
@@ -338,35 +338,25 @@ class _FermiAllocator(Allocator):
     needs_model = True
     config: FermiTrainingConfig
 
-    def __init__(self, config: FermiTrainingConfig) -> None:
-        super().__init__(config)
-        self._values: ComponentValues | None = None
-
     @abstractmethod
     def temperatures(self, system: FermiSystem) -> Callable[[int], torch.Tensor]:
         """Per-module temperatures (float64, on the system's device) at each step."""
 
     def _train(self, context: AllocationContext, budget_mode: Literal["shift", "penalty"],
-               penalty: float) -> tuple[FermiSystem, TrainingResult]:
+               penalty: float) -> tuple[FermiSystem, TrainingResult, ComponentValues]:
+        """Train ``μ``; also the component values that repair and fill the readout: the learned ``ΔL``
+        scores, or ``σ²`` with ``fill_priority="energy"``. Their :meth:`ComponentValues.priority`
+        restores first the components predicted to lower the loss most per parameter."""
         device = next(context.model.parameters()).device if context.model is not None else "cpu"
         system = FermiSystem(context.budget, device)
         result = train_ranks(context, system, system.uniform(), self.temperatures(system), self.config,
                              budget_mode, penalty, self.name)
-        self._values = self._component_values(context, result)
-        return system, result
-
-    def _component_values(self, context: AllocationContext, result: TrainingResult | None) -> ComponentValues:
         shapes = context.budget.shapes
-        if result is None or self.config.fill_priority == "energy":
+        if self.config.fill_priority == "energy":
             values = {name: context.spectra[name].sigma.double().square() for name in shapes}
         else:
             values = {name: result.scores[row, : min(shapes[name])] for row, name in enumerate(shapes)}
-        return ComponentValues(context.budget, values)
-
-    def priority(self, context: AllocationContext):
-        """Restore first the components predicted to lower the loss most per parameter (energy per
-        parameter before training or with ``fill_priority="energy"``)."""
-        return (self._values or self._component_values(context, None)).priority
+        return system, result, ComponentValues(context.budget, values)
 
     def _info(self, context: AllocationContext, result: TrainingResult, trained: dict[str, Rank],
               ranks: dict[str, Rank], **extra: Any) -> dict[str, Any]:
@@ -426,13 +416,13 @@ class FermiGradAllocator(_FermiAllocator):
         last = max(1, self.config.steps - 1)
         return lambda step: start * (end / start) ** (step / last)
 
-    def allocate_ranks(self, context: AllocationContext) -> tuple[dict[str, Rank], dict[str, Any]]:
-        system, result = self._train(context, self.config.budget_mode, self.config.penalty)
+    def allocate_ranks(self, context: AllocationContext) -> Allocation:
+        system, result, values = self._train(context, self.config.budget_mode, self.config.penalty)
         trained = system.readout(result.mu)
-        assert self._values is not None
-        repaired, removed = self._values.remove_over_budget(trained)
-        ranks = context.budget.fill(repaired, self.priority(context))
-        return ranks, self._info(context, result, trained, ranks, repair_removed_steps=removed)
+        repaired, removed = values.remove_over_budget(trained)
+        ranks = context.budget.fill(repaired, values.priority)
+        info = self._info(context, result, trained, ranks, repair_removed_steps=removed)
+        return Allocation(ranks, info, values.priority)
 
 
 @ALLOCATORS.register("dobi", DobiConfig)
@@ -446,8 +436,9 @@ class DobiAllocator(_FermiAllocator):
         fixed = torch.full_like(system.full, 1.0 / (2.0 * self.config.beta))
         return lambda step: fixed
 
-    def allocate_ranks(self, context: AllocationContext) -> tuple[dict[str, Rank], dict[str, Any]]:
-        system, result = self._train(context, "penalty", self.config.penalty)
+    def allocate_ranks(self, context: AllocationContext) -> Allocation:
+        system, result, values = self._train(context, "penalty", self.config.penalty)
         trained = system.readout(result.mu)
-        ranks = context.budget.rescale(trained, self.priority(context))
-        return ranks, self._info(context, result, trained, ranks, temperature=1.0 / (2.0 * self.config.beta))
+        ranks = context.budget.rescale(trained, values.priority)
+        info = self._info(context, result, trained, ranks, temperature=1.0 / (2.0 * self.config.beta))
+        return Allocation(ranks, info, values.priority)

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ from ..plan import DENSE, Budget, Rank
 from ..progress import progress_bar
 from ..registry import PluginConfig
 from ..targets import TargetModule, find_decoder_blocks
-from .base import ALLOCATORS, AllocationContext, Allocator
+from ..workdir import write_json
+from .base import ALLOCATORS, Allocation, AllocationContext, Allocator, Priority
 from .baselines import uniform_rank
 from .spectral import spectral_view
 from .zerosum import select_windows
@@ -245,10 +245,33 @@ def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def _write_cache(path: Path, data: dict[str, Any]) -> None:
+    """Atomically, with a per-process temporary name: several runs may share the cache folder and
+    compute the same table at once; a reader sees the old file or a whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data))
-    temporary.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
+    write_json(path, data, indent=None, what="strs sensitivity cache", unique=True,
+               elsewhere="point RANKCUT_CACHE to another folder")
+
+
+def sensitivity_priority(budget: Budget, curves: Mapping[str, list[tuple[int, float]]],
+                         dense_perplexity: float) -> Priority:
+    """Spend the remainder where the interpolated log-perplexity curve (``curves[name]``: the
+    ``(rank, perplexity)`` candidates by increasing rank, then the dense model at full rank) falls
+    fastest per parameter."""
+    interpolated = {}
+    for name, curve in curves.items():
+        m, n = budget.shapes[name]
+        points = [*curve, (min(m, n), dense_perplexity)]
+        log_ppl = np.minimum(np.log([p for _, p in points]), 700.0)  # an infinite perplexity: the cap
+        interpolated[name] = (np.array([k for k, _ in points], dtype=float), log_ppl)
+
+    def priority(name: str, rank: int) -> float:
+        step = budget.next_rank(name, rank)
+        grid, log_ppl = interpolated[name]
+        after = grid[-1] if step == DENSE else rank + 1
+        gain = float(np.interp(rank, grid, log_ppl) - np.interp(after, grid, log_ppl))
+        return gain / (budget.cost(name, step) - budget.cost(name, rank))
+
+    return priority
 
 
 @ALLOCATORS.register("strs", StrsConfig)
@@ -258,12 +281,7 @@ class StrsAllocator(Allocator):
     needs_model = True
     config: StrsConfig
 
-    def __init__(self, config: StrsConfig) -> None:
-        super().__init__(config)
-        self._curves: dict[str, list[tuple[int, float]]] | None = None
-        self._dense_perplexity = math.nan
-
-    def allocate_ranks(self, context: AllocationContext) -> tuple[dict[str, Rank], dict[str, Any]]:
+    def allocate_ranks(self, context: AllocationContext) -> Allocation:
         if context.model is None or context.calibration is None:
             raise ConfigError("strs needs the model and calibration data")
         budget, config = context.budget, self.config
@@ -272,16 +290,17 @@ class StrsAllocator(Allocator):
             windows = windows[:, : config.tokens]
         candidates = candidate_ranks(budget, config.keep_ratios)
         start = time.perf_counter()
-        table, path, evaluations = self._sensitivity(context, windows, candidates)
+        table, dense_perplexity, path, evaluations = self._sensitivity(context, windows, candidates)
         sensitivity_seconds = time.perf_counter() - start
-        self._curves = {name: sorted(table.get(name, {}).items()) for name in budget.shapes}
+        curves = {name: sorted(table.get(name, {}).items()) for name in budget.shapes}
 
         start = time.perf_counter()
-        ranks, threshold = threshold_ranks(budget, self._curves)
-        ranks = budget.fill(ranks, self.priority(context))
+        ranks, threshold = threshold_ranks(budget, curves)
+        priority = sensitivity_priority(budget, curves, dense_perplexity)
+        ranks = budget.fill(ranks, priority)
         info = {
             "settings": {**config.to_dict(), "windows_used": windows.shape[0], "tokens_used": windows.shape[1]},
-            "dense_perplexity": self._dense_perplexity,
+            "dense_perplexity": dense_perplexity,
             "threshold": threshold,
             "evaluations": evaluations or 0,
             "cache_hit": evaluations is None,
@@ -290,12 +309,13 @@ class StrsAllocator(Allocator):
             "sensitivity": {name: {str(ratio): table[name][rank] for ratio, rank in by_ratio.items()}
                             for name, by_ratio in candidates.items()},
         }
-        return ranks, info
+        return Allocation(ranks, info, priority)
 
     def _sensitivity(self, context: AllocationContext, windows: torch.Tensor, candidates: dict[str, dict[float, int]]
-                     ) -> tuple[dict[str, dict[int, float]], Path | None, int | None]:
-        """The perplexity table (module -> rank -> perplexity), from the cache when it matches, else
-        measured (and cached); also the cache path and the number of evaluations (None: cache hit)."""
+                     ) -> tuple[dict[str, dict[int, float]], float, Path | None, int | None]:
+        """The perplexity table (module -> rank -> perplexity) and the dense perplexity, from the cache
+        when it matches, else measured (and cached); also the cache path and the number of evaluations
+        (None: cache hit)."""
         key = cache_key(context.model, context.spectra, windows, candidates, self.config)
         path = context.cache_dir / f"strs-{key[:24]}.json" if context.cache_dir is not None else None
         cached = _read_cache(path, key) if path is not None and self.config.use_cache else None
@@ -312,28 +332,5 @@ class StrsAllocator(Allocator):
                       "table": {name: {str(k): ppl for k, ppl in by_rank.items()} for name, by_rank in measured.items()}}
             if path is not None:
                 _write_cache(path, cached)
-        self._dense_perplexity = float(cached["dense_perplexity"])
         table = {name: {int(k): float(ppl) for k, ppl in by_rank.items()} for name, by_rank in cached["table"].items()}
-        return table, path, evaluations
-
-    def priority(self, context: AllocationContext):
-        """Spend the remainder where the interpolated log-perplexity curve (candidates, then the dense
-        model at full rank) falls fastest per parameter."""
-        if self._curves is None:
-            raise RuntimeError("strs priority needs the sensitivity table of allocate_ranks")
-        budget = context.budget
-        curves = {}
-        for name, curve in self._curves.items():
-            m, n = budget.shapes[name]
-            points = [*curve, (min(m, n), self._dense_perplexity)]
-            log_ppl = np.minimum(np.log([p for _, p in points]), 700.0)  # an infinite perplexity: the cap
-            curves[name] = (np.array([k for k, _ in points], dtype=float), log_ppl)
-
-        def priority(name: str, rank: int) -> float:
-            step = budget.next_rank(name, rank)
-            grid, log_ppl = curves[name]
-            after = grid[-1] if step == DENSE else rank + 1
-            gain = float(np.interp(rank, grid, log_ppl) - np.interp(after, grid, log_ppl))
-            return gain / (budget.cost(name, step) - budget.cost(name, rank))
-
-        return priority
+        return table, float(cached["dense_perplexity"]), path, evaluations

@@ -39,7 +39,7 @@ from ..plan import DENSE, Budget, Rank
 from ..progress import progress_bar
 from ..registry import PluginConfig
 from ..targets import TargetModule
-from .base import ALLOCATORS, AllocationContext, Allocator
+from .base import ALLOCATORS, Allocation, AllocationContext, Allocator, Priority
 from .spectral import gradient_checkpointing, language_model_loss, spectral_view
 
 
@@ -129,6 +129,21 @@ def predicted_loss_change(scores: Mapping[str, torch.Tensor], ranks: Mapping[str
     return sum(float(scores[name][int(rank):].sum()) for name, rank in ranks.items() if rank != DENSE)
 
 
+def score_priority(budget: Budget, scores: Mapping[str, torch.Tensor]) -> Priority:
+    """Restore first the components whose removal is predicted to hurt most per parameter (going
+    dense restores the whole remaining tail)."""
+    tails = {name: torch.cat([s.flip(0).cumsum(0).flip(0), s.new_zeros(1)]).tolist()
+             for name, s in scores.items()}  # tails[k]: summed ΔL of components k, k+1, ...
+    deltas = {name: s.tolist() for name, s in scores.items()}
+
+    def priority(name: str, rank: int) -> float:
+        step = budget.next_rank(name, rank)
+        gain = tails[name][rank] if step == DENSE else deltas[name][rank]
+        return gain / (budget.cost(name, step) - budget.cost(name, rank))
+
+    return priority
+
+
 @ALLOCATORS.register("zerosum", ZeroSumConfig)
 class ZeroSumAllocator(Allocator):
     """ZS-SVD rank allocation (see the module docstring); needs the model and calibration data."""
@@ -136,11 +151,7 @@ class ZeroSumAllocator(Allocator):
     needs_model = True
     config: ZeroSumConfig
 
-    def __init__(self, config: ZeroSumConfig) -> None:
-        super().__init__(config)
-        self._scores: dict[str, torch.Tensor] | None = None
-
-    def allocate_ranks(self, context: AllocationContext) -> tuple[dict[str, Rank], dict[str, Any]]:
+    def allocate_ranks(self, context: AllocationContext) -> Allocation:
         if context.model is None or context.calibration is None:
             raise ConfigError("zerosum needs the model and calibration data")
         budget, config = context.budget, self.config
@@ -150,13 +161,13 @@ class ZeroSumAllocator(Allocator):
         with progress_bar("zerosum: loss gradients", total=batches, enabled=context.show_progress) as advance:
             scores = component_scores(context.model, context.targets, context.spectra, windows, config.batch_size,
                                       checkpointing=config.gradient_checkpointing, advance=advance)
-        self._scores = scores
         gradient_seconds = time.perf_counter() - start
         floors = {name: min(len(s), max(1, math.ceil(config.min_rank_ratio * budget.max_rank(name))))
                   for name, s in scores.items()}
         start = time.perf_counter()
         ranks, selection = zero_sum_ranks(budget, scores, floors)
-        ranks = budget.fill(ranks, self.priority(context))
+        priority = score_priority(budget, scores)
+        ranks = budget.fill(ranks, priority)
         every = torch.cat(list(scores.values()))
         info = {
             "settings": {**config.to_dict(), "windows_used": windows.shape[0], "tokens_used": windows.numel()},
@@ -166,24 +177,7 @@ class ZeroSumAllocator(Allocator):
             "backward_passes": batches,
             "seconds": {"gradients": gradient_seconds, "selection": time.perf_counter() - start},
         }
-        return ranks, info
-
-    def priority(self, context: AllocationContext):
-        """Restore first the components whose removal is predicted to hurt most per parameter (going
-        dense restores the whole remaining tail)."""
-        if self._scores is None:
-            raise RuntimeError("zerosum priority needs the scores of allocate_ranks")
-        budget = context.budget
-        tails = {name: torch.cat([s.flip(0).cumsum(0).flip(0), s.new_zeros(1)]).tolist()
-                 for name, s in self._scores.items()}  # tails[k]: summed ΔL of components k, k+1, ...
-        deltas = {name: s.tolist() for name, s in self._scores.items()}
-
-        def priority(name: str, rank: int) -> float:
-            step = budget.next_rank(name, rank)
-            gain = tails[name][rank] if step == DENSE else deltas[name][rank]
-            return gain / (budget.cost(name, step) - budget.cost(name, rank))
-
-        return priority
+        return Allocation(ranks, info, priority)
 
 
 def select_windows(calibration: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
