@@ -62,12 +62,38 @@ def limit_text(limit: int | None) -> str:
     return "all items" if limit is None else f"first {limit} items per task"
 
 
+def setting(cell: dict) -> tuple[str, str, float, str]:
+    """What a cell shares with its uniform reference: format, whitening, keep, calibration set."""
+    config = cell["report"]["config"]
+    return config["factor_format"], config["whitening"], config["keep_ratio"], config["calibration"]["dataset"]
+
+
+def tag(cell: dict) -> str:
+    """The ``--tag`` suffix of the cell's name (an ablation label), or ""."""
+    config = cell["report"]["config"]
+    factor_format, whitening, keep, dataset = setting(cell)
+    return cell["cell"].removeprefix(f"{config['allocator']}-{factor_format}-{whitening}-keep{keep:g}-{dataset}")
+
+
 def label(cell: dict) -> list[str]:
-    """allocator, format, whitening, keep, calibration."""
+    """allocator (with its tag), format, whitening, keep, calibration."""
     config = cell["report"]["config"]
     calib = config["calibration"]
-    return [config["allocator"], config["factor_format"], config["whitening"], f"{config['keep_ratio']:g}",
+    allocator = config["allocator"] + (f" `{tag(cell)}`" if tag(cell) else "")
+    return [allocator, config["factor_format"], config["whitening"], f"{config['keep_ratio']:g}",
             f"{calib['dataset']} {calib['nsamples']}x{calib['seqlen']}"]
+
+
+def gap_closed(row: dict, cells: list[dict], dense: dict | None) -> float | None:
+    """``(uniform − ppl) / (uniform − dense)`` on WikiText-2 test, against the untagged uniform cell of the
+    same setting, when all three were measured on the same windows: the share of uniform's loss recovered."""
+    references = [c for c in cells if c["report"]["config"]["allocator"] == "uniform" and not tag(c)
+                  and setting(c) == setting(row)]
+    entries = [perplexity_entry(r, "wikitext2", "test") for r in (row, *references[:1], dense) if r is not None]
+    if len(entries) < 3 or None in entries or len({e["windows"] for e in entries}) > 1:
+        return None
+    mine, uniform, full = (e["perplexity"] for e in entries)
+    return (uniform - mine) / (uniform - full) if uniform != full else None
 
 
 def sort_key(cell: dict) -> tuple:
@@ -106,20 +132,25 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
             return "1.00" if "speed" in row else MISSING
         return fmt(row.get("speed_ratio", {}).get(key), ".2f")
 
-    header = ["allocator", "format", "whitening", "keep", "calib", *ppl_columns.values(), "zero-shot avg acc",
+    header = ["allocator", "format", "whitening", "keep", "calib", *ppl_columns.values(), "gap closed",
+              "zero-shot avg acc",
               "compress s", "allocate s", "prefill ×dense", "decode ×dense", "measured keep"]
     body = []
     for row in rows:
         if row is dense:
-            setting, seconds, allocate, keep = ["dense", MISSING, MISSING, "1", MISSING], MISSING, MISSING, "1"
+            labels, seconds, allocate, keep = ["dense", MISSING, MISSING, "1", MISSING], MISSING, MISSING, "1"
         else:
-            setting, seconds = label(row), f"{row['compress_seconds']:.0f}"
+            labels, seconds = label(row), f"{row['compress_seconds']:.0f}"
             allocate = fmt(row["report"]["timings"].get("allocate"), ".1f")
             keep = f"{row['report']['measured']['target_keep_ratio']:.4f}"
-        body.append([*setting, *(ppl(row, p) for p in ppl_columns), accuracy(row), seconds, allocate,
+        uniform = row is dense or row["report"]["config"]["allocator"] == "uniform"
+        closed = MISSING if uniform else fmt(gap_closed(row, cells, dense), ".0%")
+        body.append([*labels, *(ppl(row, p) for p in ppl_columns), closed, accuracy(row), seconds, allocate,
                      speedup(row, "prefill_speedup"), speedup(row, "decode_speedup"), keep])
     notes = ["`compress s` is the whole `rankcut.compress` call, `allocate s` the allocator's share of it. "
-             "A perplexity measured on fewer windows than other rows shows its window count."]
+             "A perplexity measured on fewer windows than other rows shows its window count. `gap closed`: "
+             "(uniform − ppl) / (uniform − dense) on WikiText-2 test against the uniform row of the same format, "
+             "whitening, keep and calibration, when measured on the same windows."]
     if common:
         caveat = "" if common[1] is None else "; with a limit, accuracies are indicative, not comparable with full sets"
         notes.append(f"Zero-shot: mean `acc` over {len(common[0])} tasks ({', '.join(common[0])}), "
