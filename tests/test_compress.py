@@ -119,6 +119,22 @@ def test_artifact_is_atomic_and_tamper_evident(tmp_path):
         rankcut.load(out)
 
 
+def test_stock_from_pretrained_refuses_missing_factors(tmp_path):
+    """transformers would fill a missing tensor with uninitialized memory and only warn."""
+    from safetensors.torch import load_file, save_file
+
+    model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6), calibration=calibration_ids(),
+                             show_progress=False)
+    out = rankcut.save(model, None, tmp_path / "art", report)
+    AutoModelForCausalLM.from_pretrained(out)  # complete: loads
+    weights = load_file(out / "model.safetensors")
+    dropped = next(key for key in weights if ".mlp.up_proj." in key)
+    del weights[dropped]
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ArtifactError, match=f"lack 1 factor tensor.*{dropped}"):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
 def test_newer_format_version_is_refused(tmp_path):
     model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6), calibration=calibration_ids(),
                              show_progress=False)

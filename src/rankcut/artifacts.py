@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -101,6 +101,22 @@ class RankcutQuantizer(HfQuantizer):
         factorize_skeleton(model, self.quantization_config.modules)
         return model
 
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        """Refuse factors the checkpoint lacks: transformers would leave them uninitialized (garbage) with
+        only a warning. Checked for local folders, from the safetensors headers (no weights are read)."""
+        folder = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+        stored = stored_weight_names(folder) if folder.is_dir() else None
+        if stored is None:
+            return model
+        factor_names = {f"{name}.{parameter}" for name in self.quantization_config.modules
+                        for parameter in model.get_submodule(name).state_dict()}
+        missing = sorted(factor_names - stored)
+        if missing:
+            raise ArtifactError(f"the weights in {folder} lack {len(missing)} factor tensor(s) its config describes "
+                                f"(e.g. {', '.join(missing[:3])}): the artifact is incomplete or was edited; "
+                                f"rankcut.load({str(folder)!r}) verifies it file by file")
+        return model
+
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False
 
@@ -110,6 +126,18 @@ class RankcutQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def stored_weight_names(folder: Path) -> set[str] | None:
+    """Tensor names in a folder's safetensors checkpoint (single file or sharded), or None if it has none."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return None
+    with safe_open(single, framework="pt") as handle:
+        return set(handle.keys())
 
 
 def _sha256(path: Path) -> str:
