@@ -37,6 +37,11 @@ def tiny_config(arch: str):
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 
 
+def calibration_ids(n: int = 12, length: int = 32, seed: int = 0) -> torch.Tensor:
+    """Seeded random token ids for the tiny models (``n x length``)."""
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
 def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = tiny_config(arch)

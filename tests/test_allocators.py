@@ -4,9 +4,8 @@ that carries its own fill priority, so allocators keep no state between calls.""
 from dataclasses import dataclass
 
 import pytest
-import torch
 
-from conftest import VOCAB, assert_budget_met, tiny_model
+from conftest import assert_budget_met, calibration_ids, tiny_model
 from test_spectral import spectra_of
 from rankcut.allocation import ALLOCATORS, Allocation, AllocationContext, Allocator, create_allocator, energy_priority
 from rankcut.allocation.baselines import deficit_priority
@@ -25,7 +24,7 @@ CHEAP = {  # every registered allocator, with settings that take a second or so 
 
 @pytest.fixture(scope="module")
 def setup():
-    ids = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(1))
+    ids = calibration_ids(8, 24, seed=1)
     model = tiny_model()
     targets, spectra = spectra_of(model, ids)
     return model, targets, spectra, ids

@@ -14,7 +14,7 @@ from rankcut.allocation.baselines import uniform_rank
 from rankcut import CompressionConfig, compress
 from rankcut.allocation.spectral import gradient_checkpointing, language_model_loss, spectral_view
 from rankcut.errors import ConfigError
-from rankcut.plan import DENSE, Budget
+from rankcut.plan import Budget
 from test_spectral import spectra_of
 
 

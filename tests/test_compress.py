@@ -5,15 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rankcut
-from conftest import ARCHS, VOCAB, tiny_model
+from conftest import ARCHS, calibration_ids, tiny_model
 from rankcut import CompressionConfig, compress
 from rankcut.errors import ArtifactError, ConfigError, FactorizationError
 from rankcut.layers import LowRankLinear, PivGaLinear
 from rankcut.plan import DENSE
-
-
-def calibration_ids(n=12, length=32, seed=0):
-    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
 def logits(model, ids):

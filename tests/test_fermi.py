@@ -17,7 +17,7 @@ from conftest import VOCAB, assert_budget_met, tiny_model
 from test_spectral import spectra_of
 from rankcut.allocation import AllocationContext, create_allocator
 from rankcut.allocation.fermi import ComponentValues, FermiGradConfig, FermiSystem, apply_gates, train_ranks
-from rankcut.allocation.spectral import language_model_loss, spectral_view
+from rankcut.allocation.spectral import spectral_view
 from rankcut.errors import ConfigError
 from rankcut.plan import DENSE, Budget
 

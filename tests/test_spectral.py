@@ -1,6 +1,6 @@
 import torch
 
-from conftest import VOCAB, tiny_model
+from conftest import calibration_ids, tiny_model
 from rankcut import CompressionConfig, compress
 from rankcut.allocation import AllocationContext, create_allocator
 from rankcut.allocation.spectral import language_model_loss, spectral_view
@@ -19,7 +19,7 @@ def spectra_of(model, ids):
 
 
 def test_hard_prefix_gate_equals_the_truncated_model():
-    ids = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(0))
+    ids = calibration_ids(8, 24, seed=0)
     model = tiny_model()
     targets, spectra = spectra_of(model, ids)
     budget = Budget({t.name: t.shape for t in targets}, 0.5)
@@ -40,7 +40,7 @@ def test_hard_prefix_gate_equals_the_truncated_model():
 
 
 def test_gradients_reach_only_the_gates():
-    ids = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(1))
+    ids = calibration_ids(8, 24, seed=1)
     model = tiny_model()
     targets, spectra = spectra_of(model, ids)
     with spectral_view(model, targets, spectra) as layers:

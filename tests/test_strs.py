@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import ARCHS, VOCAB, tiny_model
+from conftest import ARCHS, VOCAB, calibration_ids, tiny_model
 from test_spectral import spectra_of
 from conftest import assert_budget_met
 from rankcut import CompressionConfig, compress
@@ -165,7 +165,7 @@ def test_same_seed_same_plan(trained):
 
 def test_compress_end_to_end(monkeypatch, tmp_path):
     monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path))
-    ids = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(4))
+    ids = calibration_ids(8, 24, seed=4)
     config = CompressionConfig(keep_ratio=0.6, allocator="strs", allocator_options={"keep_ratios": "0.3,0.5,0.7",
                                                                                     "windows": "2", "tokens": "16"})
     compressed, report = compress(tiny_model(), config, calibration=ids, show_progress=False)
@@ -199,7 +199,7 @@ def test_needs_model_and_data():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefix_replay_on_every_architecture(arch):
     """The replayed blocks stand in for any decoder block (masks, rotary, Gemma's layer types)."""
-    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))
+    ids = calibration_ids(4, 16, seed=5)
     model = tiny_model(arch)
     targets, spectra = spectra_of(model, ids)
     last = [t for t in targets if t.block == targets[-1].block][:2]

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ARCHS, VOCAB, assert_budget_met, tiny_model
+from conftest import ARCHS, assert_budget_met, calibration_ids, tiny_model
 from test_spectral import spectra_of
 from rankcut import CompressionConfig, compress
 from rankcut.allocation import AllocationContext, create_allocator
@@ -15,7 +15,7 @@ from rankcut.plan import DENSE, Budget
 @pytest.fixture(scope="module")
 def setup64():
     """A float64 tiny model, its spectra and calibration ids."""
-    ids = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(0))
+    ids = calibration_ids(8, 24, seed=0)
     model = tiny_model().double()
     targets, spectra = spectra_of(model, ids)
     return model, targets, spectra, ids
@@ -111,7 +111,7 @@ def test_running_sum_stays_balanced():
 
 @pytest.mark.parametrize("factor_format", ["plain", "pivga"])
 def test_allocation_meets_the_budget_exactly(factor_format):
-    ids = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(2))
+    ids = calibration_ids(8, 24, seed=2)
     model = tiny_model()
     targets, spectra = spectra_of(model, ids)
     budget = Budget({t.name: t.shape for t in targets}, 0.55, factor_format)
@@ -136,7 +136,7 @@ def test_gradient_checkpointing_gives_the_same_scores(setup64):
 
 def test_compress_end_to_end(monkeypatch, tmp_path):
     monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path))
-    ids = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(4))
+    ids = calibration_ids(8, 24, seed=4)
     config = CompressionConfig(keep_ratio=0.6, allocator="zerosum", allocator_options={"windows": "4"})
     compressed, report = compress(tiny_model(), config, calibration=ids, show_progress=False)
     assert report.measured["target_params"] == report.plan.total_cost <= report.measured["budget"]
@@ -160,7 +160,7 @@ def test_needs_model_and_data():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_scores_match_the_formula_on_every_architecture(arch):
-    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(6))
+    ids = calibration_ids(4, 16, seed=6)
     model = tiny_model(arch).double()
     targets, spectra = spectra_of(model, ids)
     scores = component_scores(model, targets, spectra, ids, batch_size=2)
