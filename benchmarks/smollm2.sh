@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every SmolLM2-135M cell of benchmarks/RESULTS.md, in the order they were run, then the page itself.
+# Resumable: compress_matrix.py skips cells whose JSON holds every requested evaluation, so rerunning
+# this script only does what is missing. Run it alone: two torch jobs on 2 cores slow each other 3-6x.
+#
+#   bash benchmarks/smollm2.sh            # SPECTRA / ARTIFACTS default to folders under /tmp
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RANKCUT_DATA="${RANKCUT_DATA:-../shared/data}"
+SPECTRA="${SPECTRA:-/tmp/rankcut-bench/spectra}"      # whitened spectra, shared by cells with one calibration
+ARTIFACTS="${ARTIFACTS:-/tmp/rankcut-bench/artifacts}"  # saved models, to add evaluations to a cell later
+R=benchmarks/results/smollm2
+MATRIX="python benchmarks/compress_matrix.py --model smollm2-135m --results $R --spectra-cache $SPECTRA"
+EVAL="wikitext2:test c4:validation:128"
+
+# Dense row; uniform with plain factors and PivGa (WikiText-2 calibration); plain SVD on 100 windows.
+$MATRIX --dense --eval wikitext2:test --allocators uniform --formats plain pivga --keeps 0.8 0.6 \
+    --calib wikitext2:validation --artifacts "$ARTIFACTS"
+$MATRIX --eval wikitext2:test:100 --whitenings none --allocators uniform --formats plain --keeps 0.8 \
+    --calib wikitext2:validation
+# Fresh-process reload and plain -> PivGa conversion of the keep-0.8 plain artifact.
+python benchmarks/verify_artifact.py "$ARTIFACTS/uniform-plain-cholesky-keep0.8-wikitext2" --convert-windows 100 \
+    --out $R/verify-uniform-plain-cholesky-keep0.8-wikitext2.json
+# Learned allocators at default settings, PivGa, WikiText-2 calibration.
+$MATRIX --eval $EVAL --allocators ara fermigrad --formats pivga --keeps 0.8 0.6 --calib wikitext2:validation \
+    --artifacts "$ARTIFACTS"
+# C4 calibration (uniform, plain, keep 0.8) against the dense model on the first 100 test windows.
+$MATRIX --dense --eval wikitext2:test:100 c4:validation:128 --allocators uniform --formats plain --keeps 0.8 \
+    --calib c4:validation
+
+python benchmarks/make_results.py --results $R --out benchmarks/RESULTS.md --title SmolLM2-135M \
+    --command "bash benchmarks/smollm2.sh"
