@@ -3,12 +3,12 @@
 # Resumable: compress_matrix.py skips cells whose JSON holds every requested evaluation, so rerunning
 # this script only does what is missing. Run it alone: two torch jobs on 2 cores slow each other 3-6x.
 #
-#   bash benchmarks/smollm2.sh            # SPECTRA / ARTIFACTS default to folders under /tmp
+#   bash benchmarks/smollm2.sh     # SPECTRA / ARTIFACTS default to folders under ~/.cache/rankcut/bench
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RANKCUT_DATA="${RANKCUT_DATA:-../shared/data}"
-SPECTRA="${SPECTRA:-/tmp/rankcut-bench/spectra}"      # whitened spectra, shared by cells with one calibration
-ARTIFACTS="${ARTIFACTS:-/tmp/rankcut-bench/artifacts}"  # saved models, to add evaluations to a cell later
+SPECTRA="${SPECTRA:-${XDG_CACHE_HOME:-$HOME/.cache}/rankcut/bench/spectra}"     # whitened spectra, shared by cells with one calibration
+ARTIFACTS="${ARTIFACTS:-${XDG_CACHE_HOME:-$HOME/.cache}/rankcut/bench/artifacts}" # saved models, to add evaluations to a cell later
 R=benchmarks/results/smollm2
 MATRIX="python benchmarks/compress_matrix.py --model smollm2-135m --results $R --spectra-cache $SPECTRA"
 EVAL="wikitext2:test c4:validation:128"

@@ -36,7 +36,7 @@ def main() -> None:
     convert_to_pivga(model)
     converted = rankcut.evaluate_perplexity(model, tokenizer, corpus, seqlen=args.seqlen, max_windows=args.convert_windows)
     result = {
-        "artifact": str(args.artifact),
+        "artifact": args.artifact.name,  # the folder name: where it lives is machine-specific
         "reloaded": reloaded.to_dict(),
         "plain_before_conversion": before.to_dict(),
         "converted_to_pivga": converted.to_dict(),
