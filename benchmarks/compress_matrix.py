@@ -55,6 +55,7 @@ import rankcut
 from rankcut.data import load_text
 from rankcut.evaluation.speed import compare_speed
 from rankcut.evaluation.zeroshot import DEFAULT_TASKS, evaluate_zeroshot
+from rankcut.workdir import write_atomically
 
 # Run by `isolated_speed` in a fresh interpreter: argv = model source, output JSON path.
 SPEED_PROBE = """
@@ -108,7 +109,9 @@ def missing(row: dict, wanted: Evaluations) -> Evaluations:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str))
+    """Atomically: a cell is rewritten after every evaluation, and an interrupted run must not leave it half written."""
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2, default=str)),
+                     what="results cell")
 
 
 def read_row(path: Path, model: str, new: dict) -> dict:
