@@ -84,15 +84,29 @@ def label(cell: dict) -> list[str]:
             f"{calib['dataset']} {calib['nsamples']}x{calib['seqlen']}"]
 
 
-def gap_closed(row: dict, cells: list[dict], dense: dict | None) -> float | None:
-    """``(uniform − ppl) / (uniform − dense)`` on WikiText-2 test, against the untagged uniform cell of the
-    same setting, when all three were measured on the same windows: the share of uniform's loss recovered."""
-    references = [c for c in cells if c["report"]["config"]["allocator"] == "uniform" and not tag(c)
-                  and setting(c) == setting(row)]
-    entries = [perplexity_entry(r, "wikitext2", "test") for r in (row, *references[:1], dense) if r is not None]
-    if len(entries) < 3 or None in entries or len({e["windows"] for e in entries}) > 1:
+def uniform_reference(row: dict, cells: list[dict]) -> dict | None:
+    """The untagged uniform cell of the row's format, whitening, keep and calibration set."""
+    return next((c for c in cells if c["report"]["config"]["allocator"] == "uniform" and not tag(c)
+                 and setting(c) == setting(row)), None)
+
+
+def shared_wikitext_perplexities(rows: list[dict | None]) -> list[float] | None:
+    """Each row's WikiText-2 test perplexity over the most windows all of them were measured on."""
+    if None in rows:
         return None
-    mine, uniform, full = (e["perplexity"] for e in entries)
+    by_windows = [{e["windows"]: e["perplexity"] for e in r.get("perplexity", {}).values()
+                   if (e["dataset"], e["split"]) == ("wikitext2", "test")} for r in rows]
+    common = set.intersection(*(set(w) for w in by_windows))
+    return [w[max(common)] for w in by_windows] if common else None
+
+
+def gap_closed(row: dict, cells: list[dict], dense: dict | None) -> float | None:
+    """``(uniform − ppl) / (uniform − dense)`` on WikiText-2 test against the uniform cell of the same
+    setting, over the most windows all three were measured on: the share of uniform's loss recovered."""
+    figures = shared_wikitext_perplexities([row, uniform_reference(row, cells), dense])
+    if figures is None:
+        return None
+    mine, uniform, full = figures
     return (uniform - mine) / (uniform - full) if uniform != full else None
 
 
@@ -133,24 +147,27 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
         return fmt(row.get("speed_ratio", {}).get(key), ".2f")
 
     header = ["allocator", "format", "whitening", "keep", "calib", *ppl_columns.values(), "gap closed",
-              "zero-shot avg acc",
-              "compress s", "allocate s", "prefill ×dense", "decode ×dense", "measured keep"]
+              "zero-shot avg acc", "compress s", "allocate s", "peak GiB", "prefill ×dense", "decode ×dense",
+              "measured keep"]
     body = []
     for row in rows:
         if row is dense:
             labels, seconds, allocate, keep = ["dense", MISSING, MISSING, "1", MISSING], MISSING, MISSING, "1"
+            peak = MISSING
         else:
             labels, seconds = label(row), f"{row['compress_seconds']:.0f}"
             allocate = fmt(row["report"]["timings"].get("allocate"), ".1f")
+            peak = f"{row['report']['peak_memory_bytes'] / 2**30:.2f}"
             keep = f"{row['report']['measured']['target_keep_ratio']:.4f}"
         uniform = row is dense or row["report"]["config"]["allocator"] == "uniform"
         closed = MISSING if uniform else fmt(gap_closed(row, cells, dense), ".0%")
-        body.append([*labels, *(ppl(row, p) for p in ppl_columns), closed, accuracy(row), seconds, allocate,
+        body.append([*labels, *(ppl(row, p) for p in ppl_columns), closed, accuracy(row), seconds, allocate, peak,
                      speedup(row, "prefill_speedup"), speedup(row, "decode_speedup"), keep])
     notes = ["`compress s` is the whole `rankcut.compress` call, `allocate s` the allocator's share of it. "
              "A perplexity measured on fewer windows than other rows shows its window count. `gap closed`: "
              "(uniform − ppl) / (uniform − dense) on WikiText-2 test against the uniform row of the same format, "
-             "whitening, keep and calibration, when measured on the same windows."]
+             "whitening, keep and calibration, over the most windows all three were measured on. `peak GiB`: peak "
+             "memory of the whole compression (see the compression table for how it was measured)."]
     if common:
         caveat = "" if common[1] is None else "; with a limit, accuracies are indicative, not comparable with full sets"
         notes.append(f"Zero-shot: mean `acc` over {len(common[0])} tasks ({', '.join(common[0])}), "
@@ -160,6 +177,37 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
                      "(512-token prompt, batch-1 decode), each measured in a fresh process; comparable only when "
                      "both were measured on an idle machine (see the load average in the speed table).")
     return render(header, body) + [line for note in notes for line in ("", note)]
+
+
+def ablation_tables(cells: list[dict]) -> list[str]:
+    """Per allocator and setting with ``--tag`` variants: the default cell and each variant, with the change in
+    perplexity against the default over the windows both were measured on."""
+    lines = []
+    variants = [c for c in cells if tag(c)]
+    groups = {(c["report"]["config"]["allocator"], setting(c)) for c in variants}
+    for allocator, cell_setting in sorted(groups):
+        default = next((c for c in cells if not tag(c) and c["report"]["config"]["allocator"] == allocator
+                        and setting(c) == cell_setting), None)
+        members = [c for c in variants if c["report"]["config"]["allocator"] == allocator
+                   and setting(c) == cell_setting]
+        body = []
+        for cell in ([default] if default else []) + sorted(members, key=tag):
+            entry = perplexity_entry(cell, "wikitext2", "test")
+            c4 = perplexity_entry(cell, "c4", "validation")
+            shared = shared_wikitext_perplexities([cell, default]) if cell is not default else None
+            change = f"{shared[0] - shared[1]:+.2f}" if shared else MISSING
+            options = {k: v for k, v in cell["report"]["config"]["allocator_options"].items()
+                       if default is None or v != default["report"]["config"]["allocator_options"].get(k)}
+            body.append([f"`{tag(cell)}`" if tag(cell) else "default",
+                         ", ".join(f"{k}={v}" for k, v in options.items()) if cell is not default else MISSING,
+                         fmt(entry and entry["perplexity"], ".2f"), str(entry["windows"]) if entry else MISSING,
+                         change, fmt(c4 and c4["perplexity"], ".2f"),
+                         fmt(cell["report"]["timings"].get("allocate"), ".0f")])
+        factor_format, whitening, keep, dataset = cell_setting
+        lines += [f"### Ablation: {allocator}, {factor_format}, {whitening}, keep {keep:g}, {dataset} calibration",
+                  "", *render(["variant", "options changed", "WikiText-2 test ppl", "windows", "Δ vs default",
+                               "C4 ppl", "allocate s"], body), ""]
+    return lines
 
 
 def detail_table(rows: list[dict], columns: dict[str, Callable[[dict], str]]) -> list[str]:
@@ -217,7 +265,7 @@ def section(folder: Path, figures: Path) -> list[str]:
     cells.sort(key=sort_key)
     rows: list[dict[str, Any]] = ([dense] if dense else []) + cells
     model = rows[0]["model"] if rows else folder.name
-    lines = [f"## {model}", "", *summary_table(dense, cells), ""]
+    lines = [f"## {model}", "", *summary_table(dense, cells), "", *ablation_tables(cells)]
     for title, table in (("Zero-shot accuracy per task", zeroshot_table(rows)),
                          ("Speed and memory", speed_table(rows)), ("Compression", compression_table(cells))):
         if table:
