@@ -9,6 +9,7 @@ from conftest import ARCHS, calibration_ids, tiny_model
 from rankcut import CompressionConfig, compress
 from rankcut.errors import ArtifactError, ConfigError, FactorizationError
 from rankcut.layers import LowRankLinear, PivGaLinear
+from rankcut.memory import current_rss
 from rankcut.plan import DENSE
 
 
@@ -35,6 +36,18 @@ def test_end_to_end_meets_budget(arch, allocator, factor_format):
     assert any(isinstance(m, expected_layer) for m in model.modules())
     assert torch.isfinite(logits(model, calibration_ids(2))).all()
     assert {d["path"] for d in report.diagnostics.values()} <= {"cholesky", "eigh"}
+
+
+def test_peak_memory_is_that_of_the_call_not_of_the_process():
+    transient = torch.ones(100_000_000)  # 400 MB freed before the call: the process peak, not the call's
+    transient.add_(1)
+    del transient
+    before = current_rss()
+    _, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.7), calibration=calibration_ids(),
+                         show_progress=False)
+    assert report.memory["host_method"] in {"VmHWM reset via /proc/self/clear_refs", "RSS sampled every 1 ms"}
+    assert before <= report.peak_memory_bytes < before + 200_000_000
+    assert report.to_dict()["memory"] == report.memory
 
 
 def test_shared_inputs_are_detected():

@@ -11,7 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rankcut.errors import ConfigError
 from rankcut.evaluation import speed
-from rankcut.evaluation.speed import compare_speed, measure_speed, peak_rss, weight_bytes
+from rankcut import memory
+from rankcut.evaluation.speed import compare_speed, measure_speed, weight_bytes
+from rankcut.memory import peak_rss
 
 
 def _tiny_llama(tie: bool = False) -> LlamaForCausalLM:
@@ -72,17 +74,17 @@ def test_weight_bytes_counts_tied_embeddings_once():
 
 @pytest.mark.parametrize("kernel_peak", [True, False], ids=["kernel-hwm", "sampled"])
 def test_peak_rss_sees_a_transient_allocation(monkeypatch, kernel_peak):
-    if kernel_peak and not speed._kernel_peak_works():
+    if kernel_peak and not memory._kernel_peak_works():
         pytest.skip("this kernel does not track VmHWM after a reset; the sampled path is used here")
-    monkeypatch.setattr(speed, "_kernel_peak_works", lambda: kernel_peak)
-    before = speed.current_rss()
+    monkeypatch.setattr(memory, "_kernel_peak_works", lambda: kernel_peak)
+    before = memory.current_rss()
     with peak_rss() as peak:
         block = torch.ones(50_000_000)  # 200 MB, freed before the block ends
         block.add_(1)
         del block
     assert peak["method"] != "unavailable"
     assert peak["peak_bytes"] >= before + 150_000_000
-    assert speed.current_rss() < peak["peak_bytes"]
+    assert memory.current_rss() < peak["peak_bytes"]
 
 
 def test_measure_speed_rejects_bad_settings():

@@ -37,6 +37,7 @@ from .errors import ConfigError, FactorizationError
 from .evaluation.perplexity import model_context_length
 from .evaluation.speed import weight_bytes
 from .layers import LowRankLinear, PivGaLinear
+from .memory import peak_rss
 from .plan import DENSE, FACTOR_FORMATS, Budget, RankPlan
 from .progress import progress_bar
 from .registry import PluginConfig
@@ -118,10 +119,11 @@ class CompressionReport:
     peak_memory_bytes: int
     measured: dict[str, int | float]
     diagnostics: dict[str, dict[str, Any]]
+    memory: dict[str, Any] = field(default_factory=dict)  # host / CUDA peaks of this call and how they were measured
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "plan": self.plan.to_dict(), "timings": self.timings,
-                "peak_memory_bytes": self.peak_memory_bytes, "measured": self.measured,
+                "peak_memory_bytes": self.peak_memory_bytes, "memory": self.memory, "measured": self.measured,
                 "diagnostics": self.diagnostics}
 
     def summary_rows(self) -> list[tuple[str, str]]:
@@ -140,11 +142,13 @@ class CompressionReport:
         return rows
 
 
-def _peak_memory_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    if torch.cuda.is_available():
-        peak = max(peak, torch.cuda.max_memory_allocated())
-    return peak
+def _peak_memory_bytes(memory: dict[str, Any]) -> int:
+    """The larger of the host and CUDA peaks; the process-lifetime peak where the host peak cannot be scoped."""
+    host = memory["host_peak_bytes"]
+    if host is None:
+        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        memory["host_method"] = "process lifetime maximum (getrusage)"
+    return max(host, memory["cuda_peak_bytes"] or 0)
 
 
 def _factor_params(module: nn.Module) -> int:
@@ -225,6 +229,31 @@ def compress(
         config = CompressionConfig()
     elif isinstance(config, Mapping):
         config = CompressionConfig.from_dict(config)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with peak_rss() as host:
+        plan, timings, measured, diagnostics = _compress_in_place(
+            model, config, tokenizer=tokenizer, calibration=calibration, show_progress=show_progress,
+            output_dir=output_dir, work_dir=work_dir, spectra_cache=spectra_cache)
+    memory = {"host_peak_bytes": host["peak_bytes"], "host_method": host["method"],
+              "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+    return model, CompressionReport(config.to_dict(), plan, timings, _peak_memory_bytes(memory), measured, diagnostics,
+                                    memory)
+
+
+def _compress_in_place(
+    model: nn.Module,
+    config: CompressionConfig,
+    *,
+    tokenizer,
+    calibration: torch.Tensor | None,
+    show_progress: bool,
+    output_dir: str | Path | None,
+    work_dir: str | Path | None,
+    spectra_cache: str | Path | None,
+) -> tuple[RankPlan, dict[str, float], dict[str, int | float], dict[str, dict[str, Any]]]:
+    """The body of :func:`compress`: the plan, phase timings, measured sizes and whitening diagnostics."""
     timings: dict[str, float] = {}
     model.eval()
     targets = find_targets(model, config.exclude)
@@ -278,8 +307,7 @@ def compress(
                     _replace(model, target, spectra.pop(target.name), plan, config.factor_format)
 
     measured = _measure(model, targets, budget, plan, dense_params, dense_bytes)
-    report = CompressionReport(config.to_dict(), plan, timings, _peak_memory_bytes(), measured, decomposer.diagnostics)
-    return model, report
+    return plan, timings, measured, decomposer.diagnostics
 
 
 @contextmanager
