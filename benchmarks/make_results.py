@@ -22,6 +22,7 @@ from rankcut.plots import plot_pareto, plot_ranks
 MISSING = "—"
 # Perplexity columns always shown, in this order; other (dataset, split) pairs found get columns after them.
 PPL_COLUMNS = {("wikitext2", "test"): "WikiText-2 test ppl", ("c4", "validation"): "C4 ppl"}
+ABLATION_COLUMNS = list(PPL_COLUMNS)  # shown over the windows every cell of an ablation group shares
 
 
 def load_cells(folder: Path) -> tuple[dict | None, list[dict]]:
@@ -43,10 +44,10 @@ def render(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def perplexity_entry(row: dict, dataset: str, split: str) -> dict | None:
-    """The row's perplexity on ``dataset``/``split`` over the most windows it was evaluated on."""
-    entries = [e for e in row.get("perplexity", {}).values() if (e["dataset"], e["split"]) == (dataset, split)]
-    return max(entries, key=lambda e: e["windows"], default=None)
+def perplexities(row: dict, dataset: str, split: str) -> dict[int, float]:
+    """The row's perplexities on ``dataset``/``split`` by number of windows evaluated (the first ones)."""
+    return {e["windows"]: e["perplexity"] for e in row.get("perplexity", {}).values()
+            if (e["dataset"], e["split"]) == (dataset, split)}
 
 
 def zeroshot_summary(row: dict) -> tuple[float, tuple[str, ...], int | None] | None:
@@ -94,8 +95,7 @@ def shared_wikitext_perplexities(rows: list[dict | None]) -> list[float] | None:
     """Each row's WikiText-2 test perplexity over the most windows all of them were measured on."""
     if None in rows:
         return None
-    by_windows = [{e["windows"]: e["perplexity"] for e in r.get("perplexity", {}).values()
-                   if (e["dataset"], e["split"]) == ("wikitext2", "test")} for r in rows]
+    by_windows = [perplexities(r, "wikitext2", "test") for r in rows]
     common = set.intersection(*(set(w) for w in by_windows))
     return [w[max(common)] for w in by_windows] if common else None
 
@@ -113,26 +113,22 @@ def gap_closed(row: dict, cells: list[dict], dense: dict | None) -> float | None
 def sort_key(cell: dict) -> tuple:
     config = cell["report"]["config"]
     return (config["calibration"]["dataset"], config["whitening"], -config["keep_ratio"], config["factor_format"],
-            config["allocator"])
+            config["allocator"], tag(cell))
 
 
 def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
     """The main table: one row per cell plus the dense row, with notes on how to read it."""
     rows = ([dense] if dense else []) + cells
-    pairs = {(e["dataset"], e["split"]) for r in rows for e in r.get("perplexity", {}).values()}
-    ppl_columns = {**PPL_COLUMNS, **{p: f"{p[0]} {p[1]} ppl" for p in sorted(pairs - PPL_COLUMNS.keys())}}
-    most_windows = {p: max((e["windows"] for r in rows if (e := perplexity_entry(r, *p))), default=0)
-                    for p in ppl_columns}
+    measured = {(e["dataset"], e["split"], e["windows"]) for r in rows for e in r.get("perplexity", {}).values()}
+    order = list(PPL_COLUMNS)
+    triples = sorted(measured, key=lambda t: (order.index(t[:2]) if t[:2] in order else len(order), t[:2], -t[2]))
+    ppl_columns = {t: f"{PPL_COLUMNS.get(t[:2], f'{t[0]} {t[1]} ppl')}, {t[2]} windows" for t in triples}
     zeroshot = {id(r): s for r in rows if (s := zeroshot_summary(r))}
     common = Counter(s[1:] for s in zeroshot.values()).most_common(1)
     common = common[0][0] if common else None
 
-    def ppl(row: dict, pair: tuple[str, str]) -> str:
-        entry = perplexity_entry(row, *pair)
-        if entry is None:
-            return MISSING
-        partial = f" ({entry['windows']} windows)" if entry["windows"] < most_windows[pair] else ""
-        return f"{entry['perplexity']:.2f}{partial}"
+    def ppl(row: dict, triple: tuple[str, str, int]) -> str:
+        return fmt(perplexities(row, *triple[:2]).get(triple[2]), ".2f")
 
     def accuracy(row: dict) -> str:
         if id(row) not in zeroshot:
@@ -157,17 +153,19 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
         else:
             labels, seconds = label(row), f"{row['compress_seconds']:.0f}"
             allocate = fmt(row["report"]["timings"].get("allocate"), ".1f")
-            peak = f"{row['report']['peak_memory_bytes'] / 2**30:.2f}"
+            peak = f"{row['report']['peak_memory_bytes'] / 2**30:.2f}" + ("" if "memory" in row["report"] else "†")
             keep = f"{row['report']['measured']['target_keep_ratio']:.4f}"
         uniform = row is dense or row["report"]["config"]["allocator"] == "uniform"
         closed = MISSING if uniform else fmt(gap_closed(row, cells, dense), ".0%")
         body.append([*labels, *(ppl(row, p) for p in ppl_columns), closed, accuracy(row), seconds, allocate, peak,
                      speedup(row, "prefill_speedup"), speedup(row, "decode_speedup"), keep])
     notes = ["`compress s` is the whole `rankcut.compress` call, `allocate s` the allocator's share of it. "
-             "A perplexity measured on fewer windows than other rows shows its window count. `gap closed`: "
+             "Perplexities are over the first N windows of 512 tokens of each split. `gap closed`: "
              "(uniform − ppl) / (uniform − dense) on WikiText-2 test against the uniform row of the same format, "
              "whitening, keep and calibration, over the most windows all three were measured on. `peak GiB`: peak "
-             "memory of the whole compression (see the compression table for how it was measured)."]
+             "resident memory during the `rankcut.compress` call (model included); † marks cells measured before "
+             "reports scoped it to the call (commit f033b57): theirs is the peak of the whole process up to then, "
+             "an upper bound when cells run before it in the same process peaked higher."]
     if common:
         caveat = "" if common[1] is None else "; with a limit, accuracies are indicative, not comparable with full sets"
         notes.append(f"Zero-shot: mean `acc` over {len(common[0])} tasks ({', '.join(common[0])}), "
@@ -190,23 +188,25 @@ def ablation_tables(cells: list[dict]) -> list[str]:
                         and setting(c) == cell_setting), None)
         members = [c for c in variants if c["report"]["config"]["allocator"] == allocator
                    and setting(c) == cell_setting]
+        group = ([default] if default else []) + sorted(members, key=tag)
+        windows = {p: set.intersection(*(set(perplexities(c, *p)) for c in group)) for p in ABLATION_COLUMNS}
         body = []
-        for cell in ([default] if default else []) + sorted(members, key=tag):
-            entry = perplexity_entry(cell, "wikitext2", "test")
-            c4 = perplexity_entry(cell, "c4", "validation")
+        for cell in group:
+            figures = {p: perplexities(cell, *p) for p in ABLATION_COLUMNS}
+            shown = [fmt(figures[p][max(windows[p])] if windows[p] else None, ".2f") for p in ABLATION_COLUMNS]
             shared = shared_wikitext_perplexities([cell, default]) if cell is not default else None
-            change = f"{shared[0] - shared[1]:+.2f}" if shared else MISSING
             options = {k: v for k, v in cell["report"]["config"]["allocator_options"].items()
                        if default is None or v != default["report"]["config"]["allocator_options"].get(k)}
             body.append([f"`{tag(cell)}`" if tag(cell) else "default",
                          ", ".join(f"{k}={v}" for k, v in options.items()) if cell is not default else MISSING,
-                         fmt(entry and entry["perplexity"], ".2f"), str(entry["windows"]) if entry else MISSING,
-                         change, fmt(c4 and c4["perplexity"], ".2f"),
+                         *shown, f"{shared[0] - shared[1]:+.2f}" if shared else MISSING,
                          fmt(cell["report"]["timings"].get("allocate"), ".0f")])
+        headers = [f"{PPL_COLUMNS[p]}, {max(windows[p])} windows" if windows[p] else PPL_COLUMNS[p]
+                   for p in ABLATION_COLUMNS]
         factor_format, whitening, keep, dataset = cell_setting
         lines += [f"### Ablation: {allocator}, {factor_format}, {whitening}, keep {keep:g}, {dataset} calibration",
-                  "", *render(["variant", "options changed", "WikiText-2 test ppl", "windows", "Δ vs default",
-                               "C4 ppl", "allocate s"], body), ""]
+                  "", *render(["variant", "options changed", *headers, "Δ WikiText-2 vs default", "allocate s"],
+                              body), ""]
     return lines
 
 

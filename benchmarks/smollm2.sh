@@ -27,6 +27,21 @@ $MATRIX --eval $EVAL --allocators ara fermigrad --formats pivga --keeps 0.8 0.6 
 # C4 calibration (uniform, plain, keep 0.8) against the dense model on the first 100 test windows.
 $MATRIX --dense --eval wikitext2:test:100 c4:validation:128 --allocators uniform --formats plain --keeps 0.8 \
     --calib c4:validation
+# The cells below are evaluated on the first 100 WikiText-2 test windows (2.5 min instead of 15 per model);
+# the rows above get that figure too (from their artifacts), so every row has a comparable one.
+W100="--eval wikitext2:test:100 --formats pivga --calib wikitext2:validation --artifacts $ARTIFACTS"
+$MATRIX $W100 --allocators uniform --keeps 0.8 0.6
+$MATRIX $W100 --allocators ara --keeps 0.8
+# ARA ablation at keep 0.8 (default: guidance G2, median binarization, dense flow on).
+for variant in 'guidance-none {"guidance": "none"}' 'guidance-G1 {"guidance": "G1"}' \
+               'binarize-argmax {"binarize": "argmax"}' 'no-dense-flow {"dense_flow": false}'; do
+    $MATRIX $W100 --allocators ara --keeps 0.8 --tag="-${variant%% *}" --allocator-options "{\"ara\": ${variant#* }}"
+done
+# ARA's own setting: C4 calibration, for uniform, ARA and FermiGrad at keep 0.8.
+$MATRIX --eval wikitext2:test:100 c4:validation:128 --allocators uniform ara fermigrad --formats pivga --keeps 0.8 \
+    --calib c4:validation --artifacts "$ARTIFACTS"
+# Baseline allocators (energy, ZS-SVD zero-sum, ASVD's STRS, Dobi-style tanh mask) at both budgets.
+$MATRIX $W100 --allocators energy zerosum strs dobi --keeps 0.8 0.6
 
 python benchmarks/make_results.py --results $R --out benchmarks/RESULTS.md --title SmolLM2-135M \
     --command "bash benchmarks/smollm2.sh"

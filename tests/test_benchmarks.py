@@ -40,9 +40,9 @@ def table_rows(markdown: str, first_column: str) -> list[dict[str, str]]:
 def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_path, capsys):
     matrix, results_script = script("compress_matrix"), script("make_results")
     results, artifacts = tmp_path / "results", tmp_path / "artifacts"
-    common = ["--model", str(tiny_folder), "--keeps", "0.6", "--formats", "pivga", "--calib", "wikitext2:validation",
-              "--nsamples", "4", "--seqlen", "32", "--eval", "wikitext2:test:2", "c4:validation:2",
-              "--eval-seqlen", "32", "--results", str(results)]
+    setting = ["--model", str(tiny_folder), "--keeps", "0.6", "--formats", "pivga", "--calib", "wikitext2:validation",
+               "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--results", str(results)]
+    common = setting + ["--eval", "wikitext2:test:2", "c4:validation:2"]
     cell_path = results / "uniform-pivga-cholesky-keep0.6-wikitext2.json"
 
     matrix.main(common + ["--artifacts", str(artifacts)])
@@ -63,16 +63,29 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     assert cell["speed_dense"] == dense_speed == json.loads((results / "dense.json").read_text())["speed"]
     assert cell["speed"]["prompt_tokens"] == 512 and cell["speed_ratio"]["decode_speedup"] > 0
 
+    quality = setting + ["--eval", "wikitext2:test:2"]
+    matrix.main(quality + ["--allocators", "zerosum"])  # an ablation: the default and a tagged variant
+    matrix.main(quality + ["--allocators", "zerosum", "--tag=-floor",
+                           "--allocator-options", '{"zerosum": {"min_rank_ratio": 0.3}}'])
+
     out = tmp_path / "RESULTS.md"
     results_script.main(["--results", str(results), "--out", str(out)])
     page = out.read_text()
     rows = table_rows(page, "allocator")
-    assert [row["allocator"] for row in rows] == ["dense", "uniform"]
-    for row in rows:
-        for column in ("WikiText-2 test ppl", "C4 ppl", "zero-shot avg acc", "prefill ×dense", "decode ×dense",
-                       "measured keep"):
+    assert [row["allocator"] for row in rows] == ["dense", "uniform", "zerosum", "zerosum `-floor`"]
+    wikitext, c4 = "WikiText-2 test ppl, 2 windows", "C4 ppl, 2 windows"
+    for row in rows[:2]:
+        for column in (wikitext, c4, "zero-shot avg acc", "prefill ×dense", "decode ×dense", "measured keep"):
             assert math.isfinite(float(row[column])), (column, row)
     assert math.isfinite(float(rows[1]["compress s"])) and math.isfinite(float(rows[1]["allocate s"]))
+    for row in rows[2:]:  # (uniform − ppl) / (uniform − dense) on the windows all three share
+        uniform, dense, mine = (float(r[wikitext]) for r in (rows[1], rows[0], row))
+        assert row["gap closed"] == f"{(uniform - mine) / (uniform - dense):.0%}" and row[c4] == "—"
+    ablation = table_rows(page, "variant")
+    assert [(r["variant"], r["options changed"]) for r in ablation] == [("default", "—"),
+                                                                        ("`-floor`", "min_rank_ratio=0.3")]
+    change = float(rows[3][wikitext]) - float(rows[2][wikitext])
+    assert abs(float(ablation[1]["Δ WikiText-2 vs default"]) - change) <= 0.011  # both from 2-decimal figures
     assert "first 2 items per task" in page
-    assert len(table_rows(page, "cell")) == 2  # zero-shot per task: dense and the cell
+    assert len(table_rows(page, "cell")) == 2  # zero-shot per task: dense and the uniform cell
     assert (tmp_path / "figures" / "pareto-results-wikitext2-test-2.png").is_file()
