@@ -37,6 +37,12 @@ for variant in 'guidance-none {"guidance": "none"}' 'guidance-G1 {"guidance": "G
                'binarize-argmax {"binarize": "argmax"}' 'no-dense-flow {"dense_flow": false}'; do
     $MATRIX $W100 --allocators ara --keeps 0.8 --tag="-${variant%% *}" --allocator-options "{\"ara\": ${variant#* }}"
 done
+# With plain factors modules reach the dense regime well below full rank (k(m+n) >= mn), where the dense
+# flow and G2 guidance act; with PivGa only at full rank. So those two are ablated on plain factors too.
+PLAIN="--eval wikitext2:test:100 --formats plain --calib wikitext2:validation --artifacts $ARTIFACTS"
+$MATRIX $PLAIN --allocators uniform ara --keeps 0.8
+$MATRIX $PLAIN --allocators ara --keeps 0.8 --tag=-no-dense-flow --allocator-options '{"ara": {"dense_flow": false}}'
+$MATRIX $PLAIN --allocators ara --keeps 0.8 --tag=-guidance-none --allocator-options '{"ara": {"guidance": "none"}}'
 # ARA's own setting: C4 calibration, for uniform, ARA and FermiGrad at keep 0.8.
 $MATRIX --eval wikitext2:test:100 c4:validation:128 --allocators uniform ara fermigrad --formats pivga --keeps 0.8 \
     --calib c4:validation --artifacts "$ARTIFACTS"
