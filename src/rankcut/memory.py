@@ -1,21 +1,20 @@
 """Peak resident memory of this process over a block of code.
 
 On Linux the kernel's high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` and read
-after the block: exact and free. Where that is missing, or accepted without effect (some sandboxes
-report VmHWM as the current RSS), the RSS is sampled every millisecond by a thread instead.
+after the block: exact and free. Where that is missing, or the reset is accepted without effect
+(checked once with a probe of fresh pages), the RSS is sampled every millisecond by a thread instead.
 """
 
 from __future__ import annotations
 
 import functools
+import mmap
 import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import torch
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -29,6 +28,14 @@ def _status_bytes(field: str) -> int:
     return int(match.group(1)) * 1024
 
 
+def touch_fresh_pages(nbytes: int) -> None:
+    """Map ``nbytes`` of new anonymous memory, write every page, unmap it: a transient RSS rise that the
+    allocator cannot serve from memory it already holds (as it can for a tensor)."""
+    with mmap.mmap(-1, nbytes) as block:
+        for offset in range(0, nbytes, mmap.PAGESIZE):
+            block[offset] = 1
+
+
 def _reset_kernel_peak() -> None:
     _CLEAR_REFS.write_text("5")  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
 
@@ -37,14 +44,12 @@ def _reset_kernel_peak() -> None:
 def _kernel_peak_works() -> bool:
     """Whether VmHWM can be reset and then records a transient allocation.
 
-    Checked once with a 64 MB probe: some sandboxes accept the reset but report VmHWM as the current
-    RSS, which would hide every peak.
+    Checked once with a 64 MB probe of fresh pages: a reset accepted without effect would hide every peak.
     """
     try:
         _reset_kernel_peak()
         before = _status_bytes("VmRSS")
-        probe = torch.ones(_PROBE_BYTES // 4)  # float32, every page touched
-        del probe
+        touch_fresh_pages(_PROBE_BYTES)
         return _status_bytes("VmHWM") >= before + _PROBE_BYTES * 0.9
     except OSError:
         return False
