@@ -22,7 +22,6 @@ from rankcut.plots import plot_pareto, plot_ranks
 MISSING = "—"
 # Perplexity columns always shown, in this order; other (dataset, split) pairs found get columns after them.
 PPL_COLUMNS = {("wikitext2", "test"): "WikiText-2 test ppl", ("c4", "validation"): "C4 ppl"}
-ABLATION_COLUMNS = list(PPL_COLUMNS)  # shown over the windows every cell of an ablation group shares
 
 
 def load_cells(folder: Path) -> tuple[dict | None, list[dict]]:
@@ -189,11 +188,11 @@ def ablation_tables(cells: list[dict]) -> list[str]:
         members = [c for c in variants if c["report"]["config"]["allocator"] == allocator
                    and setting(c) == cell_setting]
         group = ([default] if default else []) + sorted(members, key=tag)
-        windows = {p: set.intersection(*(set(perplexities(c, *p)) for c in group)) for p in ABLATION_COLUMNS}
+        windows = {p: set.intersection(*(set(perplexities(c, *p)) for c in group)) for p in PPL_COLUMNS}
         body = []
         for cell in group:
-            figures = {p: perplexities(cell, *p) for p in ABLATION_COLUMNS}
-            shown = [fmt(figures[p][max(windows[p])] if windows[p] else None, ".2f") for p in ABLATION_COLUMNS]
+            figures = {p: perplexities(cell, *p) for p in PPL_COLUMNS}
+            shown = [fmt(figures[p][max(windows[p])] if windows[p] else None, ".2f") for p in PPL_COLUMNS]
             shared = shared_wikitext_perplexities([cell, default]) if cell is not default else None
             options = {k: v for k, v in cell["report"]["config"]["allocator_options"].items()
                        if default is None or v != default["report"]["config"]["allocator_options"].get(k)}
@@ -202,7 +201,7 @@ def ablation_tables(cells: list[dict]) -> list[str]:
                          *shown, f"{shared[0] - shared[1]:+.2f}" if shared else MISSING,
                          fmt(cell["report"]["timings"].get("allocate"), ".0f")])
         headers = [f"{PPL_COLUMNS[p]}, {max(windows[p])} windows" if windows[p] else PPL_COLUMNS[p]
-                   for p in ABLATION_COLUMNS]
+                   for p in PPL_COLUMNS]
         factor_format, whitening, keep, dataset = cell_setting
         lines += [f"### Ablation: {allocator}, {factor_format}, {whitening}, keep {keep:g}, {dataset} calibration",
                   "", *render(["variant", "options changed", *headers, "Δ WikiText-2 vs default", "allocate s"],
