@@ -84,10 +84,10 @@ def label(cell: dict) -> list[str]:
             f"{calib['dataset']} {calib['nsamples']}x{calib['seqlen']}"]
 
 
-def uniform_reference(row: dict, cells: list[dict]) -> dict | None:
-    """The untagged uniform cell of the row's format, whitening, keep and calibration set."""
-    return next((c for c in cells if c["report"]["config"]["allocator"] == "uniform" and not tag(c)
-                 and setting(c) == setting(row)), None)
+def untagged_cell(cells: list[dict], allocator: str, cell_setting: tuple) -> dict | None:
+    """The allocator's default (untagged) cell at that format, whitening, keep and calibration set."""
+    return next((c for c in cells if c["report"]["config"]["allocator"] == allocator and not tag(c)
+                 and setting(c) == cell_setting), None)
 
 
 def shared_wikitext_perplexities(rows: list[dict | None]) -> list[float] | None:
@@ -102,7 +102,7 @@ def shared_wikitext_perplexities(rows: list[dict | None]) -> list[float] | None:
 def gap_closed(row: dict, cells: list[dict], dense: dict | None) -> float | None:
     """``(uniform − ppl) / (uniform − dense)`` on WikiText-2 test against the uniform cell of the same
     setting, over the most windows all three were measured on: the share of uniform's loss recovered."""
-    figures = shared_wikitext_perplexities([row, uniform_reference(row, cells), dense])
+    figures = shared_wikitext_perplexities([row, untagged_cell(cells, "uniform", setting(row)), dense])
     if figures is None:
         return None
     mine, uniform, full = figures
@@ -183,8 +183,7 @@ def ablation_tables(cells: list[dict]) -> list[str]:
     variants = [c for c in cells if tag(c)]
     groups = {(c["report"]["config"]["allocator"], setting(c)) for c in variants}
     for allocator, cell_setting in sorted(groups):
-        default = next((c for c in cells if not tag(c) and c["report"]["config"]["allocator"] == allocator
-                        and setting(c) == cell_setting), None)
+        default = untagged_cell(cells, allocator, cell_setting)
         members = [c for c in variants if c["report"]["config"]["allocator"] == allocator
                    and setting(c) == cell_setting]
         group = ([default] if default else []) + sorted(members, key=tag)
