@@ -208,6 +208,43 @@ def ablation_tables(cells: list[dict]) -> list[str]:
     return lines
 
 
+def most_shared_windows(rows: list[dict], dataset: str, split: str) -> int | None:
+    """The window count on ``dataset``/``split`` that most rows were measured on (the larger on ties)."""
+    counts = Counter(w for r in rows for w in perplexities(r, dataset, split))
+    return max(counts, key=lambda w: (counts[w], w)) if counts else None
+
+
+def allocator_tables(dense: dict | None, cells: list[dict]) -> list[str]:
+    """Per keep ratio, format, whitening and calibration set with two or more allocators: each allocator's
+    default (untagged) cell, best WikiText-2 perplexity first, every figure over the windows most of them share."""
+    lines = []
+    for cell_setting in sorted({setting(c) for c in cells}, key=lambda s: (s[3], s[1], -s[2], s[0])):
+        group = [c for c in cells if not tag(c) and setting(c) == cell_setting]
+        if len(group) < 2:
+            continue
+        windows = {p: most_shared_windows(group, *p) for p in PPL_COLUMNS}
+
+        def ppl(row: dict, pair: tuple[str, str]) -> float | None:
+            return perplexities(row, *pair).get(windows[pair])
+
+        group.sort(key=lambda c: (ppl(c, ("wikitext2", "test")) is None, ppl(c, ("wikitext2", "test")) or 0.0))
+        body = []
+        for row in ([dense] if dense else []) + group:
+            name = "dense" if row is dense else row["report"]["config"]["allocator"]
+            closed = None if row is dense or name == "uniform" else gap_closed(row, cells, dense)
+            zeroshot = zeroshot_summary(row)
+            allocate = None if row is dense else row["report"]["timings"].get("allocate")
+            body.append([name, *(fmt(ppl(row, p), ".2f") for p in PPL_COLUMNS), fmt(closed, ".0%"),
+                         fmt(zeroshot[0] if zeroshot else None, ".4f"), fmt(allocate, ".1f"),
+                         *(fmt(row.get("speed_ratio", {}).get(k), ".2f") for k in ("prefill_speedup", "decode_speedup"))])
+        headers = [f"{PPL_COLUMNS[p]}, {windows[p]} windows" if windows[p] else PPL_COLUMNS[p] for p in PPL_COLUMNS]
+        factor_format, whitening, keep, dataset = cell_setting
+        lines += [f"### Allocators at keep {keep:g}: {factor_format}, {whitening}, {dataset} calibration", "",
+                  *render(["allocator", *headers, "gap closed", "zero-shot avg acc", "allocate s", "prefill ×dense",
+                           "decode ×dense"], body), ""]
+    return lines
+
+
 def detail_table(rows: list[dict], columns: dict[str, Callable[[dict], str]]) -> list[str]:
     return render(["cell", *columns], [[row["cell"], *(f(row) for f in columns.values())] for row in rows])
 
@@ -263,7 +300,8 @@ def section(folder: Path, figures: Path) -> list[str]:
     cells.sort(key=sort_key)
     rows: list[dict[str, Any]] = ([dense] if dense else []) + cells
     model = rows[0]["model"] if rows else folder.name
-    lines = [f"## {model}", "", *summary_table(dense, cells), "", *ablation_tables(cells)]
+    lines = [f"## {model}", "", *summary_table(dense, cells), "", *allocator_tables(dense, cells),
+             *ablation_tables(cells)]
     for title, table in (("Zero-shot accuracy per task", zeroshot_table(rows)),
                          ("Speed and memory", speed_table(rows)), ("Compression", compression_table(cells))):
         if table:

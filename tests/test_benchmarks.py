@@ -22,10 +22,12 @@ def script(name: str) -> ModuleType:
     return module
 
 
-def table_rows(markdown: str, first_column: str) -> list[dict[str, str]]:
-    """The rows of the Markdown table whose header starts with ``first_column``, as dicts."""
+def table_rows(markdown: str, first_column: str, after: str = "") -> list[dict[str, str]]:
+    """The rows of the first Markdown table after the line ``after`` whose header starts with ``first_column``,
+    as dicts."""
     lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    begin = lines.index(after) if after else 0
+    start = next(i for i, line in enumerate(lines) if i > begin and line.startswith(f"| {first_column} |"))
     def split(line: str) -> list[str]:
         return [cell.strip() for cell in line.strip("|").split("|")]
 
@@ -81,6 +83,10 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     for row in rows[2:]:  # (uniform − ppl) / (uniform − dense) on the windows all three share
         uniform, dense, mine = (float(r[wikitext]) for r in (rows[1], rows[0], row))
         assert row["gap closed"] == f"{(uniform - mine) / (uniform - dense):.0%}" and row[c4] == "—"
+    compared = table_rows(page, "allocator", after="### Allocators at keep 0.6: pivga, cholesky, wikitext2 calibration")
+    defaults = sorted(rows[1:3], key=lambda row: float(row[wikitext]))  # the tagged variant is left out
+    assert [r["allocator"] for r in compared] == ["dense"] + [r["allocator"] for r in defaults]
+    assert [r[wikitext] for r in compared] == [r[wikitext] for r in [rows[0], *defaults]]
     ablation = table_rows(page, "variant")
     assert [(r["variant"], r["options changed"]) for r in ablation] == [("default", "—"),
                                                                         ("`-floor`", "min_rank_ratio=0.3")]
