@@ -46,8 +46,12 @@ $MATRIX $PLAIN --allocators ara --keeps 0.8 --tag=-guidance-none --allocator-opt
 # ARA's own setting: C4 calibration, for uniform, ARA and FermiGrad at keep 0.8.
 $MATRIX --eval wikitext2:test:100 c4:validation:128 --allocators uniform ara fermigrad --formats pivga --keeps 0.8 \
     --calib c4:validation --artifacts "$ARTIFACTS"
-# Baseline allocators (energy, ZS-SVD zero-sum, ASVD's STRS, Dobi-style tanh mask) at both budgets.
-$MATRIX $W100 --allocators energy zerosum strs dobi --keeps 0.8 0.6
+# Every allocator at both budgets (PivGa, WikiText-2 calibration) on the same evaluations: first 100
+# WikiText-2 test windows, first 128 C4 validation windows, zero-shot on the first 25 items of each task,
+# speed against the dense model. Cells made above only get what they lack, from their artifacts.
+COMPARE="--eval wikitext2:test:100 c4:validation:128 --zeroshot --zeroshot-limit 25 --speed --formats pivga"
+COMPARE="$COMPARE --calib wikitext2:validation --artifacts $ARTIFACTS"
+$MATRIX --dense $COMPARE --allocators uniform ara fermigrad zerosum strs dobi energy --keeps 0.8 0.6
 
 python benchmarks/make_results.py --results $R --out benchmarks/RESULTS.md --title SmolLM2-135M \
     --command "bash benchmarks/smollm2.sh"

@@ -48,6 +48,31 @@ def test_peak_memory_is_that_of_the_call_not_of_the_process():
     assert report.to_dict()["memory"] == report.memory
 
 
+def test_output_dir_gets_the_whitening_spectra_plot(tmp_path, monkeypatch):
+    import rankcut.plots
+
+    drawn = {}
+    original = rankcut.plots.plot_spectra
+    monkeypatch.setattr(rankcut.plots, "plot_spectra", lambda curves, path, title: drawn.update(curves) or
+                        original(curves, path, title))
+    model = tiny_model()
+    dense = {name: module.weight.detach().clone() for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    compress(model, CompressionConfig(keep_ratio=0.7), calibration=calibration_ids(), show_progress=False,
+             output_dir=tmp_path)
+    assert (tmp_path / "spectra_whitening.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    middle = len(model.model.layers) // 2
+    assert set(drawn) == {name.split(f".{middle}.")[1] for name in dense if f"layers.{middle}." in name}
+    plain, whitened = drawn["self_attn.q_proj"]
+    expected = torch.linalg.svdvals(dense[f"model.layers.{middle}.self_attn.q_proj"].double())
+    assert plain == pytest.approx(expected.tolist(), rel=1e-9)
+    assert whitened == sorted(whitened, reverse=True) and len(whitened) == len(plain)
+
+    compress(tiny_model(), CompressionConfig(keep_ratio=0.7, whitening="none"), show_progress=False,
+             output_dir=tmp_path / "plain")
+    assert not (tmp_path / "plain" / "spectra_whitening.png").exists()  # nothing to compare without whitening
+
+
 def test_shared_inputs_are_detected():
     model, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.7), calibration=calibration_ids(),
                              show_progress=False)

@@ -286,6 +286,8 @@ def _compress_in_place(
             with _phase(timings, "calibrate + decompose"):
                 checkpoints = _spectra_checkpoints(work, spectra_cache, config, model, targets, calibration)
                 _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress, checkpoints)
+            if output_dir is not None and config.whitening != "none":
+                _plot_whitening(model, targets, spectra, Path(output_dir))
 
         if plan is None:
             with _phase(timings, "allocate"):
@@ -389,6 +391,24 @@ def _collect_spectra(model, targets, calibration, config, decomposer, spectra, s
         if state.next_block < len(stream.blocks):
             stream.run(decompose_block, progress=advance, start_block=state.next_block, hidden=state.hidden,
                        on_outputs=checkpoints.save_activations if checkpoints is not None else None)
+
+
+def _plot_whitening(model: nn.Module, targets: list[TargetModule], spectra: Mapping[str, Spectrum],
+                    output_dir: Path) -> None:
+    """``spectra_whitening.png``: singular values of the middle block's targets before and after
+    whitening, next to the output (skipped without matplotlib, an optional extra)."""
+    from .plots import plot_spectra
+
+    middle = targets[len(targets) // 2].block
+    curves = {target.name.split(f".{middle}.", 1)[-1]: (
+        torch.linalg.svdvals(model.get_submodule(target.name).weight.detach().double()).tolist(),
+        spectra[target.name].sigma.tolist()) for target in targets if target.block == middle}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        plot_spectra(curves, output_dir / "spectra_whitening.png",
+                     title=f"block {middle}: singular values before and after whitening")
+    except ImportError:
+        pass
 
 
 def _replace(model: nn.Module, target: TargetModule, spectrum: Spectrum, plan: RankPlan, factor_format: str) -> None:

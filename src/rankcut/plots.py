@@ -81,17 +81,28 @@ def plot_pareto(points: Sequence[tuple[str, float, float]], path: str | Path, de
     return path
 
 
-def plot_spectra(sigma_plain: Sequence[float], sigma_whitened: Sequence[float], path: str | Path, name: str) -> Path:
-    """Normalized singular values of a module's weight before and after whitening."""
+def plot_spectra(spectra: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
+                 title: str | None = None) -> Path:
+    """One panel per module: singular values of ``W`` and of the whitened ``W S``, each over its largest.
+    Whitening concentrates what matters to the outputs in fewer components; that is why truncating the
+    whitened SVD loses less."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for label, sigma in (("plain W", sigma_plain), ("whitened W S", sigma_whitened)):
-        top = max(sigma[0], 1e-30)
-        axis.semilogy(range(1, len(sigma) + 1), [s / top for s in sigma], label=label)
-    axis.set_xlabel("index i")
-    axis.set_ylabel("σ_i / σ_1")
-    axis.set_title(name)
-    axis.legend()
+    columns = min(4, len(spectra))
+    rows = -(-len(spectra) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3 * rows), squeeze=False)
+    for axis in axes.flat[len(spectra):]:
+        axis.set_visible(False)
+    for axis, (name, curves) in zip(axes.flat, spectra.items()):
+        for label, sigma in zip(("W", "whitened W S"), curves):
+            top = max(float(sigma[0]), 1e-30)
+            axis.semilogy(range(1, len(sigma) + 1), [float(s) / top for s in sigma], label=label)
+        axis.set_title(name, fontsize="small")
+        axis.set_xlabel("index i")
+    for axis in axes[:, 0]:
+        axis.set_ylabel("σ_i / σ_1")
+    axes[0][0].legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)
