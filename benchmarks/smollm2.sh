@@ -52,6 +52,8 @@ $MATRIX --eval wikitext2:test:100 c4:validation:128 --allocators uniform ara fer
 COMPARE="--eval wikitext2:test:100 c4:validation:128 --zeroshot --zeroshot-limit 25 --speed --formats pivga"
 COMPARE="$COMPARE --calib wikitext2:validation --artifacts $ARTIFACTS"
 $MATRIX --dense $COMPARE --allocators uniform ara fermigrad zerosum strs dobi energy --keeps 0.8 0.6
+# The plain-factor cells made above (uniform and ARA at keep 0.8) on the same evaluations.
+$MATRIX ${COMPARE/--formats pivga/--formats plain} --allocators ara uniform --keeps 0.8
 
 python benchmarks/make_results.py --results $R --out benchmarks/RESULTS.md --title SmolLM2-135M \
     --command "bash benchmarks/smollm2.sh"
