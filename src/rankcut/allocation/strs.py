@@ -304,7 +304,7 @@ class StrsAllocator(Allocator):
             "threshold": threshold,
             "evaluations": evaluations or 0,
             "cache_hit": evaluations is None,
-            "cache_file": str(path) if path is not None else None,
+            "cache_file": path.name if path is not None else None,  # in the allocator cache: no machine path
             "seconds": {"sensitivity": sensitivity_seconds, "search": time.perf_counter() - start},
             "sensitivity": {name: {str(ratio): table[name][rank] for ratio, rank in by_ratio.items()}
                             for name, by_ratio in candidates.items()},
