@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -227,7 +228,7 @@ def allocator_tables(dense: dict | None, cells: list[dict]) -> list[str]:
         def ppl(row: dict, pair: tuple[str, str]) -> float | None:
             return perplexities(row, *pair).get(windows[pair])
 
-        group.sort(key=lambda c: (ppl(c, ("wikitext2", "test")) is None, ppl(c, ("wikitext2", "test")) or 0.0))
+        group.sort(key=lambda c: ppl(c, ("wikitext2", "test")) or math.inf)  # unmeasured last
         body = []
         for row in ([dense] if dense else []) + group:
             name = "dense" if row is dense else row["report"]["config"]["allocator"]
