@@ -19,8 +19,9 @@ cell, and the dense row (`--dense`, written to dense.json), can hold:
 
 Runs resume: a cell whose JSON holds every requested evaluation is skipped; one that lacks some (say,
 perplexity done but zero-shot not) gets only the missing ones, which needs the compressed model: it
-is loaded from its artifact under `--artifacts DIR` when there is one, otherwise the cell is skipped
-with a message saying so. With `--artifacts` the cell JSON is also written after each evaluation,
+is loaded from its artifact under `--artifacts DIR`; when that artifact is gone, the cell is compressed
+again and used only if it reproduces the stored rank plan (otherwise it is skipped with a message saying
+so, as it is without `--artifacts`). With `--artifacts` the cell JSON is also written after each evaluation,
 so an interrupted cell resumes without compressing again; without it, a cell's JSON is written once
 all its evaluations are done. Zero-shot is one unit: if any requested task is missing, or the stored
 results used another limit, the requested tasks are all evaluated again.
@@ -205,37 +206,56 @@ def dense_row(args: argparse.Namespace, wanted: Evaluations, environment: dict) 
     print(f"dense: {todo}", flush=True)
     load = functools.cache(lambda: rankcut.load_model(args.model))
     add_evaluations(row, todo, load, args.model, args, lambda: write_json(path, row))
-    gc.collect()
 
 
-def resume_cell(cell: str, path: Path, wanted: Evaluations, args: argparse.Namespace) -> None:
-    """Add to an existing cell JSON the requested evaluations it lacks, from the cell's saved artifact."""
+def resume_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted: Evaluations,
+                args: argparse.Namespace) -> None:
+    """Add to an existing cell JSON the requested evaluations it lacks, from the cell's saved artifact.
+
+    When the artifact is missing (never saved, or its folder was cleared) and an ``--artifacts`` folder
+    is given, the cell is compressed again and kept only if it reproduces the stored rank plan: the
+    figures already in the JSON then describe the same model, so they stay and only what is missing runs.
+    """
     row = read_row(path, args.model, {})
     todo = missing(row, wanted)
     if not todo:
         print(f"skip {cell} ({path} holds every requested evaluation)")
         return
-    artifact = args.artifacts / cell if args.artifacts else None
-    if artifact is None or not (artifact / "config.json").is_file():
-        where = f"there is no artifact at {artifact}" if artifact else "no --artifacts folder was given"
-        print(f"skip {cell}: it lacks {todo}, which needs the compressed model, and {where}; pass the --artifacts "
-              f"folder it was saved to, or delete {path} to compress it again", flush=True)
+    if args.artifacts is None:
+        print(f"skip {cell}: it lacks {todo}, which needs the compressed model, and no --artifacts folder was "
+              f"given; pass the folder it was saved to, or delete {path} to compress it again", flush=True)
         return
-    print(f"{cell}: adding {todo} to {path}, loading {artifact}", flush=True)
-    load = functools.cache(lambda: rankcut.load(artifact))
+    artifact = args.artifacts / cell
+    if (artifact / "config.json").is_file():
+        print(f"{cell}: adding {todo} to {path}, loading {artifact}", flush=True)
+        load = functools.cache(lambda: rankcut.load(artifact))
+    else:
+        print(f"{cell}: adding {todo} to {path}; there is no artifact at {artifact}, compressing again", flush=True)
+        model, tokenizer, report, _ = compress_cell(cell, config, args)
+        if report.plan.ranks != row["report"]["plan"]["ranks"]:
+            print(f"skip {cell}: compressing again gave another rank plan than the one in {path}, so its stored "
+                  f"figures would not describe the new model; delete {path} to start the cell afresh", flush=True)
+            return
+        rankcut.save(model, tokenizer, artifact, report, base_model=args.model)
+        load = functools.cache(lambda: (model, tokenizer))
     add_evaluations(row, todo, load, artifact, args, lambda: write_json(path, row))
-    gc.collect()
 
 
-def new_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted: Evaluations, args: argparse.Namespace,
-             environment: dict) -> None:
-    print(cell, flush=True)
+def compress_cell(cell: str, config: rankcut.CompressionConfig, args: argparse.Namespace):
+    """Load the base model and compress it for ``cell``; returns (model, tokenizer, report, seconds)."""
     model, tokenizer = rankcut.load_model(args.model)
     start = time.perf_counter()
     model, report = rankcut.compress(model, config, tokenizer=tokenizer, output_dir=args.results / f"{cell}-files",
                                      spectra_cache=args.spectra_cache)
     seconds = time.perf_counter() - start
     print(f"    compressed in {seconds:.0f} s, {report.measured['target_params']:,} target params", flush=True)
+    return model, tokenizer, report, seconds
+
+
+def new_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted: Evaluations, args: argparse.Namespace,
+             environment: dict) -> None:
+    print(cell, flush=True)
+    model, tokenizer, report, seconds = compress_cell(cell, config, args)
     row = {"cell": cell, "model": args.model, "environment": environment, "compress_seconds": seconds,
            "report": report.to_dict(), "perplexity": {}}
     with ExitStack() as stack:
@@ -250,8 +270,6 @@ def new_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted: E
             artifact = rankcut.save(model, tokenizer, folder / cell, report, base_model=args.model)
         add_evaluations(row, wanted, lambda: (model, tokenizer), artifact, args, checkpoint)
     write_json(path, row)
-    del model
-    gc.collect()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.dense:
         dense_row(args, wanted, environment)
+        gc.collect()
     for calib in args.calib:
         dataset, split = calib.split(":")
         for whitening in args.whitenings:
@@ -295,15 +314,16 @@ def main(argv: list[str] | None = None) -> None:
                     for keep in args.keeps:
                         cell = f"{allocator}-{factor_format}-{whitening}-keep{keep:g}-{dataset}{args.tag}"
                         path = args.results / f"{cell}.json"
-                        if path.exists():
-                            resume_cell(cell, path, wanted, args)
-                            continue
                         config = rankcut.CompressionConfig(
                             keep_ratio=keep, allocator=allocator, allocator_options=allocator_options.get(allocator, {}),
                             whitening=whitening, factor_format=factor_format,
                             calibration=rankcut.CalibrationConfig(dataset=dataset, split=split,
                                                                   nsamples=args.nsamples, seqlen=args.seqlen))
-                        new_cell(cell, path, config, wanted, args, environment)
+                        if path.exists():
+                            resume_cell(cell, path, config, wanted, args)
+                        else:
+                            new_cell(cell, path, config, wanted, args, environment)
+                        gc.collect()  # the cell's model went out of scope with its function: free it before the next
 
 
 if __name__ == "__main__":

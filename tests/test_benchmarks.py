@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -95,3 +96,32 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     assert "first 2 items per task" in page
     assert len(table_rows(page, "cell")) == 2  # zero-shot per task: dense and the uniform cell
     assert (tmp_path / "figures" / "pareto-results-wikitext2-test-2.png").is_file()
+
+
+def test_matrix_recompresses_a_cell_whose_artifact_is_gone_only_if_it_gives_the_stored_plan(tiny_folder, tmp_path,
+                                                                                            capsys):
+    matrix = script("compress_matrix")
+    results, artifacts = tmp_path / "results", tmp_path / "artifacts"
+    setting = ["--model", str(tiny_folder), "--keeps", "0.6", "--calib", "wikitext2:validation", "--nsamples", "4",
+               "--seqlen", "32", "--eval-seqlen", "32", "--results", str(results), "--artifacts", str(artifacts)]
+    cell = "uniform-plain-cholesky-keep0.6-wikitext2"
+    cell_path = results / f"{cell}.json"
+    matrix.main(setting + ["--eval", "wikitext2:test:2"])
+    first = json.loads(cell_path.read_text())
+
+    stored = json.loads(cell_path.read_text())  # a plan the compressor will not give again
+    module = next(iter(stored["report"]["plan"]["ranks"]))
+    stored["report"]["plan"]["ranks"][module] = 1
+    cell_path.write_text(json.dumps(stored))
+    shutil.rmtree(artifacts / cell)
+    matrix.main(setting + ["--eval", "wikitext2:test:2", "c4:validation:2"])
+    assert "gave another rank plan" in capsys.readouterr().out
+    assert json.loads(cell_path.read_text()) == stored and not (artifacts / cell).exists()
+
+    cell_path.write_text(json.dumps(first))
+    matrix.main(setting + ["--eval", "wikitext2:test:2", "c4:validation:2"])
+    assert "compressing again" in capsys.readouterr().out
+    row = json.loads(cell_path.read_text())
+    assert row["perplexity"]["wikitext2:test:2"] == first["perplexity"]["wikitext2:test:2"]  # kept (timing too)
+    assert row["report"] == first["report"] and math.isfinite(row["perplexity"]["c4:validation:2"]["perplexity"])
+    assert (artifacts / cell / "config.json").is_file()  # saved: the next resume loads it
