@@ -40,6 +40,10 @@ def fmt(value: float | None, spec: str) -> str:
     return MISSING if value is None else format(value, spec)
 
 
+def _gib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**30
+
+
 def render(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
@@ -163,7 +167,9 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
              "Perplexities are over the first N windows of 512 tokens of each split. `gap closed`: "
              "(uniform − ppl) / (uniform − dense) on WikiText-2 test against the uniform row of the same format, "
              "whitening, keep and calibration, over the most windows all three were measured on. `peak GiB`: peak "
-             "resident memory during the `rankcut.compress` call (model included); † marks cells measured before "
+             "resident memory during the `rankcut.compress` call (model included; the Compression table's `held at "
+             "start GiB`, where recorded, is the RSS when the call began: the loaded model plus what earlier cells "
+             "of the same process left with the allocator); † marks cells measured before "
              "reports scoped it to the call (commit f033b57): theirs is the peak of the whole process up to then, "
              "an upper bound when cells run before it in the same process peaked higher."]
     if common:
@@ -290,6 +296,7 @@ def compression_table(cells: list[dict]) -> list[str]:
         "target params": lambda c: f"{c['report']['measured']['target_params']:,}",
         "model params": lambda c: f"{c['report']['measured']['model_params']:,}",
         "peak GiB": lambda c: f"{c['report']['peak_memory_bytes'] / 2**30:.2f}",
+        "held at start GiB": lambda c: fmt(_gib(c["report"].get("memory", {}).get("host_start_bytes")), ".2f"),
         "phases (s)": lambda c: ", ".join(f"{k} {v:.1f}" for k, v in c["report"]["timings"].items()),
     }
     return detail_table(cells, columns) if cells else []

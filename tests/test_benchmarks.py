@@ -95,6 +95,8 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     assert abs(float(ablation[1]["Δ WikiText-2 vs default"]) - change) <= 0.011  # both from 2-decimal figures
     assert "first 2 items per task" in page
     assert len(table_rows(page, "cell")) == 2  # zero-shot per task: dense and the uniform cell
+    compression = table_rows(page, "cell", after="### Compression")
+    assert len(compression) == 3 and all(0 < float(r["held at start GiB"]) <= float(r["peak GiB"]) for r in compression)
     assert (tmp_path / "figures" / "pareto-results-wikitext2-test-2.png").is_file()
 
 

@@ -45,6 +45,9 @@ def test_peak_memory_is_that_of_the_call_not_of_the_process():
                          show_progress=False)
     assert report.memory["host_method"] in {"VmHWM reset via /proc/self/clear_refs", "RSS sampled every 1 ms"}
     assert before <= report.peak_memory_bytes < before + 200_000_000
+    assert abs(report.memory["host_start_bytes"] - before) < 20_000_000
+    if not torch.cuda.is_available():  # the host figures alone make the peak: the report says what was held
+        assert "held when the call began" in dict(report.summary_rows())["peak memory"]
     assert report.to_dict()["memory"] == report.memory
 
 

@@ -83,6 +83,8 @@ def test_peak_rss_sees_a_transient_allocation(monkeypatch, kernel_peak):
     assert peak["method"] != "unavailable"
     assert peak["peak_bytes"] >= before + 150_000_000
     assert memory.current_rss() < peak["peak_bytes"]
+    assert abs(peak["start_bytes"] - before) < 20_000_000  # nothing ran between the two readings
+    assert peak["peak_bytes"] - peak["start_bytes"] >= 150_000_000
 
 
 def test_measure_speed_rejects_bad_settings():

@@ -126,6 +126,13 @@ class CompressionReport:
                 "peak_memory_bytes": self.peak_memory_bytes, "memory": self.memory, "measured": self.measured,
                 "diagnostics": self.diagnostics}
 
+    def _peak_memory_text(self) -> str:
+        text = f"{self.peak_memory_bytes / 2**30:.2f} GiB"
+        start = self.memory.get("host_start_bytes")
+        if start is not None and self.memory.get("cuda_peak_bytes") is None:
+            text += f" ({start / 2**30:.2f} GiB held when the call began)"
+        return text
+
     def summary_rows(self) -> list[tuple[str, str]]:
         m = self.measured
         rows = [
@@ -136,7 +143,7 @@ class CompressionReport:
             ("model params (dense -> compressed)", f"{m['model_params_dense']:,} -> {m['model_params']:,}"),
             ("weight bytes (dense -> compressed)", f"{m['weight_bytes_dense']:,} -> {m['weight_bytes']:,}"),
             ("dense modules kept", str(sum(1 for r in self.plan.ranks.values() if r == DENSE))),
-            ("peak memory", f"{self.peak_memory_bytes / 2**30:.2f} GiB"),
+            ("peak memory", self._peak_memory_text()),
         ]
         rows += [(f"time: {phase}", f"{seconds:.1f} s") for phase, seconds in self.timings.items()]
         return rows
@@ -236,7 +243,8 @@ def compress(
         plan, timings, measured, diagnostics = _compress_in_place(
             model, config, tokenizer=tokenizer, calibration=calibration, show_progress=show_progress,
             output_dir=output_dir, work_dir=work_dir, spectra_cache=spectra_cache)
-    memory = {"host_peak_bytes": host["peak_bytes"], "host_method": host["method"],
+    memory = {"host_peak_bytes": host["peak_bytes"], "host_start_bytes": host["start_bytes"],
+              "host_method": host["method"],
               "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
     return model, CompressionReport(config.to_dict(), plan, timings, _peak_memory_bytes(memory), measured, diagnostics,
                                     memory)

@@ -70,10 +70,16 @@ def current_rss() -> int | None:
 
 @contextmanager
 def peak_rss() -> Iterator[dict[str, Any]]:
-    """Measure the peak RSS over the block into the yielded dict (``peak_bytes``, ``method``)."""
-    report: dict[str, Any] = {"peak_bytes": None, "method": "unavailable"}
+    """Measure the peak RSS over the block into the yielded dict (``peak_bytes``, ``method``).
+
+    ``start_bytes`` is the RSS when the block began: the peak minus it is what the block added on top of
+    what the process already held (which, in a long-lived process, includes memory freed earlier but
+    kept by the allocator, so the difference is a lower bound of the block's own need).
+    """
+    report: dict[str, Any] = {"peak_bytes": None, "start_bytes": None, "method": "unavailable"}
     if _kernel_peak_works():
         _reset_kernel_peak()
+        report["start_bytes"] = current_rss()
         yield report
         report.update(peak_bytes=_status_bytes("VmHWM"), method="VmHWM reset via /proc/self/clear_refs")
         return
@@ -81,6 +87,7 @@ def peak_rss() -> Iterator[dict[str, Any]]:
     if first is None:
         yield report
         return
+    report["start_bytes"] = first
     stop, samples = threading.Event(), [first]
 
     def sample() -> None:

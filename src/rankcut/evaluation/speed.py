@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..memory import current_rss, peak_rss
+from ..memory import peak_rss
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of all distinct parameters and buffers (tied weights counted once)."""
@@ -97,7 +97,6 @@ def measure_speed(
     ids = _random_ids(model, tokenizer, prompt_tokens, seed=0).to(device)
     try:
         _prefill_and_decode(model, ids[:, : min(prompt_tokens, 16)], 2, last_logits_only)  # warm-up
-        rss_before = current_rss()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with peak_rss() as peak:
@@ -119,7 +118,7 @@ def measure_speed(
         "weight_bytes": weight_bytes(model),
         "peak_rss_bytes": peak["peak_bytes"],
         "peak_rss_increase_bytes": (
-            peak["peak_bytes"] - rss_before if peak["peak_bytes"] is not None and rss_before is not None else None
+            peak["peak_bytes"] - peak["start_bytes"] if peak["peak_bytes"] is not None else None
         ),
         "peak_rss_method": peak["method"],
         "prefill_logits": "last position" if last_logits_only else "all positions",
