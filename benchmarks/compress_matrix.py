@@ -241,7 +241,8 @@ def resume_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted
     add_evaluations(row, todo, load, artifact, args, lambda: write_json(path, row))
 
 
-def compress_cell(cell: str, config: rankcut.CompressionConfig, args: argparse.Namespace):
+def compress_cell(cell: str, config: rankcut.CompressionConfig,
+                  args: argparse.Namespace) -> tuple[Any, Any, rankcut.CompressionReport, float]:
     """Load the base model and compress it for ``cell``; returns (model, tokenizer, report, seconds)."""
     model, tokenizer = rankcut.load_model(args.model)
     start = time.perf_counter()
