@@ -236,7 +236,8 @@ def resume_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted
             print(f"skip {cell}: compressing again gave another rank plan than the one in {path}, so its stored "
                   f"figures would not describe the new model; delete {path} to start the cell afresh", flush=True)
             return
-        rankcut.save(model, tokenizer, artifact, report, base_model=args.model)
+        # overwrite: the folder may hold what an interrupted save left (no config.json)
+        rankcut.save(model, tokenizer, artifact, report, base_model=args.model, overwrite=True)
         load = functools.cache(lambda: (model, tokenizer))
     add_evaluations(row, todo, load, artifact, args, lambda: write_json(path, row))
 
