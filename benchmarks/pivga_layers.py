@@ -27,8 +27,10 @@ import argparse
 import copy
 import functools
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -225,6 +227,7 @@ def main() -> None:
     args.min_rounds, args.max_rounds, args.budget_seconds = (3, 50, 0.05) if args.quick else (5, 2000, 0.5)
 
     rows = []
+    load_before = os.getloadavg()[0]  # other jobs on the CPU make every timing slower: recorded, not hidden
     started = time.perf_counter()
     print(TABLE_HEADER)
     for model in models:
@@ -236,7 +239,9 @@ def main() -> None:
                 print(format_row(rows[-1]), flush=True)
     elapsed = time.perf_counter() - started
 
-    environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+    environment = {"command": " ".join(["python", "benchmarks/pivga_layers.py", *sys.argv[1:]]),
+                   "load_average_1min_before": load_before, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "python": platform.python_version(),
                    "machine": platform.machine(), "processor": platform.processor(), "quick": args.quick,
                    "prefill_tokens": args.prefill_tokens, "seed": args.seed, "elapsed_seconds": elapsed}
     lines = summary(rows)

@@ -111,6 +111,10 @@ def choose_variant(out_features: int, in_features: int) -> Variant:
 
     Row therefore wins or ties both regimes for ``out <= in``; for ``out > in`` the prefill gain
     outweighs the small decode loss. The rank did not change the winner, so it is not an input.
+    With two threads (``benchmarks/results/pivga_layers.md``) the winners at these widths are the
+    same. At LLaMA-7B widths decode still favours row (11 of 12 cases) and prefill mostly differs by a
+    few percent either way; the two large gaps are 11008x4096 at k=2985 (column 269 vs row 410 ms, the
+    rule's pick) and 4096x4096 at k=2047 (column 119 vs row 136 ms, against it).
     """
     return "row" if out_features <= in_features else "column"
 
