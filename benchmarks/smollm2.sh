@@ -59,5 +59,11 @@ $MATRIX ${COMPARE/--formats pivga/--formats plain} --allocators zerosum energy -
 $MATRIX ${COMPARE/--formats pivga/--formats plain} --allocators uniform energy ara --keeps 0.6
 $MATRIX ${COMPARE/--formats pivga/--formats plain} --allocators fermigrad dobi strs --keeps 0.8 0.6
 
+# The compression core's command as a user runs it, timed end to end in a fresh process (model load,
+# calibration, decomposition, save), then the artifact's perplexity on the first 100 test windows.
+[ -f $R/cli-uniform-pivga-keep0.8.json ] || python benchmarks/time_cli.py --out $R/cli-uniform-pivga-keep0.8.json \
+    --artifact "$ARTIFACTS/cli-uniform-pivga-keep0.8" -- --model smollm2-135m --keep 0.8 --allocator uniform \
+    --whitening cholesky --calib wikitext2 --calib-split validation --nsamples 256 --seqlen 512
+
 python benchmarks/make_results.py --results $R --out benchmarks/RESULTS.md --title SmolLM2-135M \
     --command "bash benchmarks/smollm2.sh"

@@ -127,3 +127,19 @@ def test_matrix_recompresses_a_cell_whose_artifact_is_gone_only_if_it_gives_the_
     assert row["perplexity"]["wikitext2:test:2"] == first["perplexity"]["wikitext2:test:2"]  # kept (timing too)
     assert row["report"] == first["report"] and math.isfinite(row["perplexity"]["c4:validation:2"]["perplexity"])
     assert (artifacts / cell / "config.json").is_file()  # saved: the next resume loads it
+
+
+def test_time_cli_records_a_user_run(tiny_folder, tmp_path, capsys):
+    """time_cli.py runs the rankcut command in fresh processes and keeps what the run measured."""
+    out, artifact = tmp_path / "cli.json", tmp_path / "artifact"
+    script("time_cli").main(["--out", str(out), "--artifact", str(artifact), "--eval", "wikitext2:test:2", "--",
+                             "--model", str(tiny_folder), "--keep", "0.6", "--calib", "wikitext2",
+                             "--calib-split", "validation", "--nsamples", "4", "--seqlen", "32"])
+    record = json.loads(out.read_text())
+    assert record["command"].startswith("rankcut compress --model ") and str(artifact) not in record["command"]
+    assert record["wall_seconds"] > record["timings"]["calibrate + decompose"] > 0
+    assert record["process_peak_rss_bytes"] >= record["memory"]["host_peak_bytes"] > 0
+    assert 0 < record["measured"]["target_params"] <= record["measured"]["budget"]
+    assert record["perplexity"]["windows"] == 2 and math.isfinite(record["perplexity"]["perplexity"])
+    assert f"{record['perplexity']['perplexity']:.4f}" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.tmp.json"))
