@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
+
 
 def run(command: list[str]) -> float:
     start = time.perf_counter()
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("compress_args", nargs=argparse.REMAINDER, help="-- then the rankcut compress options")
     args = parser.parse_args(argv)
     compress_args = [a for a in args.compress_args if a != "--"]
+    if args.eval.count(":") != 2:
+        parser.error(f"--eval is DATASET:SPLIT:WINDOWS, got {args.eval!r}")
     if any(a == "--out" or a.startswith("--out=") for a in compress_args):
         parser.error("give the artifact folder with --artifact, not --out after --")
     executable = shutil.which("rankcut")
@@ -49,8 +53,7 @@ def main(argv: list[str] | None = None) -> None:
          "--seqlen", str(report["config"]["calibration"]["seqlen"]), "--max-windows", windows, "--json", str(ppl_json)])
     perplexity = json.loads(ppl_json.read_text())
     ppl_json.unlink()
-
-    import torch
+    perplexity["model"] = args.artifact.name  # the folder name: where it lives is machine-specific
 
     result = {
         "command": " ".join(["rankcut", "compress", *compress_args]),  # the output folder is machine-specific
