@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every Gemma 3 270M cell of benchmarks/RESULTS-gemma3.md, in the order they were run, then the page itself.
+# Same protocol as smollm2.sh (WikiText-2 validation calibration 256 x 512, seed 0; first 100 WikiText-2 test
+# windows, first 128 C4 validation windows). Gemma's tokenizer prepends BOS, which the perplexity code puts at
+# the start of every window.
+# Resumable; run it alone: two torch jobs on 2 cores slow each other 3-6x.
+#
+#   bash benchmarks/gemma3.sh     # SPECTRA / ARTIFACTS default to folders under ~/.cache/rankcut/bench
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RANKCUT_DATA="${RANKCUT_DATA:-../shared/data}"
+SPECTRA="${SPECTRA:-${XDG_CACHE_HOME:-$HOME/.cache}/rankcut/bench/spectra}"
+ARTIFACTS="${ARTIFACTS:-${XDG_CACHE_HOME:-$HOME/.cache}/rankcut/bench/artifacts-gemma3}"
+R=benchmarks/results/gemma3
+MATRIX="python benchmarks/compress_matrix.py --model gemma3-270m --results $R --spectra-cache $SPECTRA"
+COMPARE="--eval wikitext2:test:100 c4:validation:128 --calib wikitext2:validation --artifacts $ARTIFACTS"
+
+# Dense row and uniform (PivGa) at keep 0.8.
+$MATRIX --dense $COMPARE --allocators uniform --formats pivga --keeps 0.8
+# zerosum, the best allocator at keep 0.8 on SmolLM2 (first-order, no training: minutes, not ARA's ten).
+$MATRIX $COMPARE --allocators zerosum --formats pivga --keeps 0.8
+# Uniform with plain factors at the same budget.
+$MATRIX $COMPARE --allocators uniform --formats plain --keeps 0.8
+
+python benchmarks/make_results.py --results $R --out benchmarks/RESULTS-gemma3.md --title "Gemma 3 270M" \
+    --command "bash benchmarks/gemma3.sh"
