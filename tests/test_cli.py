@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -27,12 +28,67 @@ def test_subprocess_error_has_no_traceback():
     assert "keep_ratio must be in (0, 1]" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_unknown_model_exits_nonzero_naming_what_was_tried():
+def count_connects(monkeypatch) -> list:
+    """Record every TCP connect (the hub probe's and any hub client's), refusing each at once."""
+    attempts = []
+
+    def refuse(address, *args, **kwargs):
+        attempts.append(address)
+        raise ConnectionRefusedError(f"no network in this test ({address})")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+def test_unknown_hub_id_with_the_hub_out_of_reach_fails_at_once(monkeypatch, tmp_path):
+    """A name that could be a hub id, with no network: one probe of the hub, then the local cache
+    only (no retries), and a message naming every place tried."""
+    attempts = count_connects(monkeypatch)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty local hub cache
     result = run_cli("ppl", "--model", "no-such-model-anywhere", "--max-windows", "1")
-    assert result.returncode != 0
-    assert "could not load model 'no-such-model-anywhere'" in result.stderr
-    assert "bundled names" in result.stderr and "hub id" in result.stderr
+    assert result.returncode == 2
+    assert "model 'no-such-model-anywhere' not found; tried: bundled names" in result.stderr
+    assert "local Hugging Face cache (the hub is out of reach)" in result.stderr
+    assert len(attempts) == 1, attempts
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("spec", ["./typo-folder", "models/typo/folder", "~/typo-folder"])
+def test_a_missing_path_fails_without_asking_the_hub(monkeypatch, spec):
+    attempts = count_connects(monkeypatch)
+    result = run_cli("ppl", "--model", spec, "--max-windows", "1")
+    assert result.returncode == 2
+    assert "not found; tried:" in result.stderr and "not a hub id (it names a path)" in result.stderr
+    assert "(does not exist)" in result.stderr
+    assert attempts == []
+
+
+def test_loading_library_errors_become_one_line_with_the_fix(monkeypatch, tiny_folder):
+    """A missing package (transformers' own ImportError/ValueError text names the pip command) is a
+    one-line error with exit status 2, not a traceback."""
+    from transformers import AutoModelForCausalLM
+
+    def missing_package(*args, **kwargs):
+        raise ValueError("accelerate is required when loading a GGUF file `pip install accelerate`.\nmore detail")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", missing_package)
+    result = run_cli("info", "--model", str(tiny_folder))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not load model" in lines[0] and "`pip install accelerate`" in lines[0], lines
+
+
+def test_a_bug_in_rankcut_keeps_its_traceback(monkeypatch, tiny_folder):
+    """Only the loading libraries' errors are translated: rankcut's own bugs propagate unchanged."""
+    import rankcut.models
+
+    def bug(*args, **kwargs):
+        raise KeyError("a rankcut bug")
+
+    monkeypatch.setattr(rankcut.models, "resolve_dtype", bug)
+    with pytest.raises(KeyError, match="a rankcut bug"):
+        run_cli("info", "--model", str(tiny_folder))
 
 
 def test_missing_dataset_exits_nonzero(tiny_folder, tmp_path):
@@ -96,3 +152,15 @@ def test_eval_writes_json_and_markdown(tiny_folder, tmp_path, data_dir):
     assert results["speed"]["prefill_tokens_per_s"] > 0 and results["speed_ratio"]
     assert "| wikitext2 | test |" in (tmp_path / "res.md").read_text()
     assert run_cli("eval", "--model", str(out)).returncode == 2
+
+
+def test_the_default_allocator_is_the_measured_best_for_its_cost(tiny_folder, tmp_path, data_dir):
+    """zerosum: best WikiText-2 perplexity per allocation minute in benchmarks/RESULTS.md."""
+    from rankcut import CompressionConfig
+
+    assert CompressionConfig().allocator == "zerosum"
+    out = tmp_path / "default"
+    result = run_cli("compress", "--model", str(tiny_folder), "--calib", "wikitext2", "--nsamples", "4",
+                     "--seqlen", "32", "--out", str(out), "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "rankcut_report.json").read_text())["plan"]["allocator"] == "zerosum"

@@ -534,10 +534,10 @@ def test_weights_that_do_not_match_the_config_are_refused(artifact_copy, descrip
 
 @pytest.mark.parametrize("breakage, message", [
     ("config-json", "is not a valid JSON file"),
-    ("model-type", "its files are invalid or incomplete (ValueError"),
-    ("field-type", "its files are invalid or incomplete (StrictDataclassFieldValidationError"),
-    ("weights", "its files are invalid or incomplete (SafetensorError"),
-    ("tokenizer", "its files are invalid or incomplete (ValueError: Couldn't instantiate the backend tokenizer"),
+    ("model-type", ": ValueError: "),
+    ("field-type", ": StrictDataclassFieldValidationError: "),
+    ("weights", ": SafetensorError: "),
+    ("tokenizer", ": ValueError: Couldn't instantiate the backend tokenizer"),
 ])
 def test_broken_model_folders_get_a_clear_message(tiny_folder, tmp_path, breakage, message):
     config = json.loads((tiny_folder / "config.json").read_text())
@@ -555,6 +555,8 @@ def test_broken_model_folders_get_a_clear_message(tiny_folder, tmp_path, breakag
     result = run_cli("compress", "--model", tiny_folder, "--out", tmp_path / "o")
     assert_clear_failure(result, "could not load model")
     assert message in result.stderr
+    message = result.stderr[result.stderr.index("error:"):]  # after transformers' progress bars
+    assert len(message.strip().splitlines()) == 1, message  # one line, however long the library's text
 
 
 def test_unavailable_device_is_a_clear_error(tiny_folder, tmp_path):

