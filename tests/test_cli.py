@@ -164,3 +164,18 @@ def test_the_default_allocator_is_the_measured_best_for_its_cost(tiny_folder, tm
                      "--seqlen", "32", "--out", str(out), "--data-dir", str(data_dir))
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "rankcut_report.json").read_text())["plan"]["allocator"] == "zerosum"
+
+
+@pytest.mark.parametrize("given, stem", [
+    ("results/smollm2-keep0.8", "results/smollm2-keep0.8"),
+    ("results/smollm2-keep0.6", "results/smollm2-keep0.6"),
+    ("results/run.json", "results/run"),
+    ("results/run.md", "results/run"),
+])
+def test_eval_results_keep_the_dots_of_their_stem(tmp_path, given, stem):
+    """Artifacts named by keep ratio must not overwrite each other's results (keep0.8 -> keep0.json)."""
+    from rankcut.evaluation.suite import write_results
+
+    json_path, md_path = write_results({"model": given}, tmp_path / given)
+    assert (json_path, md_path) == (tmp_path / f"{stem}.json", tmp_path / f"{stem}.md")
+    assert json.loads(json_path.read_text())["model"] == given and md_path.is_file()

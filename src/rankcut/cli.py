@@ -213,7 +213,7 @@ def evaluate(
     data_dir: DataDirOption = None,
     device: str = "auto",
     dtype: str = "float32",
-    out_path: Annotated[Path, typer.Option("--out", help="results path stem: writes .json and .md")] = Path("rankcut-eval"),
+    out_path: Annotated[Path, typer.Option("--out", help="results path stem (dots kept): writes STEM.json and STEM.md")] = Path("rankcut-eval"),
 ) -> None:
     """Evaluate a model or an artifact: any mix of perplexity, zero-shot tasks and speed."""
     from .evaluation.suite import EvaluationPlan, results_markdown, run_evaluation, write_results

@@ -93,7 +93,12 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 
 def write_results(results: dict[str, Any], path: Path) -> tuple[Path, Path]:
-    json_path, md_path = path.with_suffix(".json"), path.with_suffix(".md")
+    """Write ``STEM.json`` and ``STEM.md``. The stem keeps its dots (``smollm2-keep0.8`` is not cut to
+    ``smollm2-keep0``, which would make artifacts named by keep ratio overwrite each other's results);
+    a path given with ``.json`` or ``.md`` names the stem before it."""
+    stem = path.with_suffix("") if path.suffix in (".json", ".md") else path
+    json_path, md_path = stem.with_name(f"{stem.name}.json"), stem.with_name(f"{stem.name}.md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2, default=str))
     md_path.write_text(results_markdown(results))
     return json_path, md_path
