@@ -118,10 +118,27 @@ def test_compression_ratio_caps_dense_modules_but_still_pulls_them_back():
     masks.logits["a"] = initial_logits(40, 38, 1.0).requires_grad_()  # soft cost 38·80 > 40·40
     state = masks.masks()
     ratio = masks.global_ratio(state)
-    b_cost = state["b"].soft.sum().item() * 80
+    b_cost = state["b"].rank * 80
     assert ratio.item() == pytest.approx((1600 + b_cost) / 3200)  # "a" counts as dense, not more
     ratio.backward()
     assert masks.logits["a"].grad.abs().sum() > 0  # compression pressure reaches the dense module
+
+
+def test_global_ratio_is_the_binary_plans_ratio_with_the_soft_gradient():
+    """R_glob in value is the ratio of the binary ranks the forward runs (not of the soft ranks Σ m_i),
+    and its gradient is the soft mask's."""
+    budget = Budget({"a": (40, 30), "b": (50, 40)}, 0.5, "pivga")
+    masks = StaircaseMasks(budget, ARAConfig(candidates="full"))
+    masks.logits["a"] = (initial_logits(30, 9, 1.0) + 0.3 * torch.randn(30, generator=torch.Generator().manual_seed(0))
+                         ).requires_grad_()
+    state = masks.masks()
+    assert abs(state["a"].soft.sum().item() - state["a"].rank) > 1e-3  # soft and binary ranks differ here
+    ratio = masks.global_ratio(state)
+    assert ratio.item() == pytest.approx(masks.binary_ratio(state), rel=1e-6)  # float32 masks
+    ratio.backward()
+    soft = masks.logits["a"].detach().requires_grad_()
+    (soft_mask(soft).sum() * (70 - 2 * state["a"].rank) / budget.dense_total).backward()
+    assert torch.allclose(masks.logits["a"].grad, soft.grad, rtol=1e-6, atol=1e-12)
 
 
 @settings(max_examples=60, deadline=None)

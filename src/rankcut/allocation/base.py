@@ -43,6 +43,9 @@ class AllocationContext:
     # state here (atomically: rankcut.workdir.write_atomically) and pick it up when the interrupted run
     # is rerun; the folder is deleted once the run's result is saved. See rankcut.workdir.
     work_dir: Path | None = None
+    # The calibration loss that learned allocators minimise, ``objective(model, token_ids) -> scalar``;
+    # None: mean next-token cross-entropy. Tests inject losses whose constrained optimum is known.
+    objective: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass

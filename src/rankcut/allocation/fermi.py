@@ -4,7 +4,7 @@ learned through a Fermi-function gate on the module's frozen whitened SVD.
 **Gate.** Module ``l`` with whitened SVD ``W = Σ_i σ_i u_i Bfull_i`` (i = 1..r) runs, through
 :class:`SpectralLinear`, ``W(μ, T) = Σ_i f_i σ_i u_i Bfull_i`` with
 ``f_i = 1/(exp((i − μ_l)/T) + 1) = sigmoid((μ_l − i)/T)``. As ``T → 0`` this is the rank-``⌊μ⌋``
-truncation, so ``μ`` is a continuous rank. Only ``μ`` trains (Adam, lr in rank units); weights and
+truncation, so ``μ`` is a continuous rank. Only ``μ`` trains (lr in rank units); weights and
 factors are frozen and no weight is rebuilt per step. Dobi-SVD's mask ``½ tanh(β(γ − i)) + ½`` is the
 same function at ``T = 1/(2β)``, so both allocators share this module's gate and training loop:
 FermiGrad anneals ``T`` and holds the budget exactly; Dobi keeps ``T`` fixed and penalises the ratio.
@@ -18,9 +18,11 @@ boundary. tests/test_fermi.py checks this against finite differences and against
 **Budget.** Soft rank ``N_l = Σ_i f_i`` (over all ``r`` components), soft cost
 ``min(N(m+n) [− N² for PivGa], mn)``: a module whose soft cost reaches dense is capped, and its readout
 ``⌊μ⌋`` then sits at or past break-even, i.e. dense. ``budget_mode="shift"`` (FermiGrad's default) adds
-one global ``δ`` to every ``μ`` after each optimizer step, found by bisection, so the soft cost equals
-the budget at the temperature of the next forward (the soft cost is continuous and non-decreasing in
-``δ``). ``"penalty"`` adds ``penalty · |R_soft − ρ|`` to the loss (Dobi-SVD's form, λ = 200 there).
+one global ``δ`` to every ``μ`` after each step, found by bisection, so the soft cost equals the
+budget at the temperature of the next forward (the soft cost is continuous and non-decreasing in
+``δ``); the steps themselves are scaled per module by the parameters a unit of rank costs
+(:class:`BudgetStep`), so training stops where the loss per parameter is the same in every module,
+the constrained optimum. ``"penalty"`` adds ``penalty · |R_soft − ρ|`` to the loss (Dobi-SVD's form, λ = 200 there).
 ``μ`` is kept in ``[1, r + 1]`` (Dobi: a box penalty; here a clamp inside the bisection).
 
 **Readout.** ``k = ⌊μ⌋`` (past the last useful rank: dense). FermiGrad then removes components, least
@@ -152,10 +154,21 @@ class FermiSystem:
         return f * self.valid
 
     def soft_costs(self, mu: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        """``min(N(m+n) [− N²], mn)`` per module with ``N = Σ_i f_i``: capped at dense."""
+        """``min(N(m+n) [− N²], mn)`` per module with ``N = Σ_i f_i``: capped at dense in value, with
+        the uncapped gradient (straight through), so a budget penalty still acts on a module past
+        break-even."""
         n = self.occupations(mu, temperature).sum(1)
         cost = n * self.width - (n * n if self.pivga else 0)
-        return torch.minimum(cost, self.dense)
+        return cost - (cost - self.dense).clamp(min=0).detach()
+
+    def cost_slopes(self, mu: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """``c′_l = ∂cost_l/∂μ_l`` (uncapped) ``= (m+n [− 2N]) · Σ_i f_i(1 − f_i)/T``: the parameters one
+        more unit of ``μ_l`` costs. At least a tiny positive number (saturated gates)."""
+        with torch.no_grad():
+            f = self.occupations(mu, temperature)
+            n = f.sum(1)
+            per_rank = (self.width - 2 * n if self.pivga else self.width).clamp(min=1.0)
+            return (per_rank * (f * (1 - f)).sum(1) / temperature).clamp(min=1e-12)
 
     def soft_ratio(self, mu: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         return self.soft_costs(mu, temperature).sum() / self.budget.dense_total
@@ -225,10 +238,47 @@ class TrainingResult:
     soft_ratio: float  # soft cost / dense at the final μ and temperature
 
 
+class BudgetStep:
+    """Steps on ``μ`` that keep the budget's geometry, for ``budget_mode="shift"``.
+
+    Under ``Σ_l cost_l(μ_l) = budget`` the optimum has ``(∂L/∂μ_l) / c′_l`` equal in every module
+    (``c′_l`` the parameters a unit of ``μ_l`` costs). A step ``μ_l −= η (∂L/∂μ_l) / c′_l`` followed by
+    the common shift that restores the budget stops exactly there. Adam per module would not: it
+    normalises each ``μ``'s step to about ``±lr`` whatever the gradient's size, and the shift then
+    takes back the common part, so the sign's consistency decides, not the size. Here the only
+    normalisation is one scalar for all modules (the root mean square of the directions, averaged over
+    steps as Adam's second moment is), which leaves the ratios between modules intact; momentum
+    averages the noisy per-batch directions and the step size decays along a half cosine to zero, so the
+    readout is a settled point rather than the last step of a noisy walk."""
+
+    def __init__(self, lr: float, steps: int, beta1: float = 0.9, beta2: float = 0.99) -> None:
+        self.lr, self.steps, self.beta1, self.beta2 = lr, steps, beta1, beta2
+        self.momentum: torch.Tensor | None = None
+        self.scale = 0.0
+        self.count = 0
+
+    def step(self, mu: torch.Tensor, slopes: torch.Tensor) -> None:
+        """Move ``mu`` (in place) along ``−mu.grad / slopes``."""
+        direction = mu.grad.detach() / slopes
+        self.count += 1
+        if self.momentum is None:
+            self.momentum = torch.zeros_like(direction)
+        self.momentum.mul_(self.beta1).add_(direction, alpha=1 - self.beta1)
+        self.scale = self.beta2 * self.scale + (1 - self.beta2) * float(direction.square().mean())
+        mean = self.momentum / (1 - self.beta1 ** self.count)
+        rms = math.sqrt(self.scale / (1 - self.beta2 ** self.count))
+        if rms == 0.0:
+            return
+        lr = self.lr * 0.5 * (1 + math.cos(math.pi * (self.count - 1) / max(1, self.steps)))
+        with torch.no_grad():
+            mu.sub_(lr * mean / rms)
+
+
 def train_ranks(context: AllocationContext, system: FermiSystem, mu: torch.Tensor,
                 temperature: Callable[[int], torch.Tensor], config: FermiTrainingConfig,
                 budget_mode: Literal["shift", "penalty"], penalty: float, label: str) -> TrainingResult:
-    """Adam on ``μ`` through the Fermi gates; the budget is held by the global shift or the penalty."""
+    """Train ``μ`` through the Fermi gates on ``context.objective`` (next-token CE by default). With
+    the global shift, :class:`BudgetStep` steps; with the penalty (Dobi-SVD's form), Adam."""
     model, budget = context.model, context.budget
     if model is None or context.calibration is None:
         raise ConfigError(f"{label} trains on calibration text: it needs the model and calibration token ids")
@@ -236,8 +286,9 @@ def train_ranks(context: AllocationContext, system: FermiSystem, mu: torch.Tenso
     eps = torch.finfo(dtype).eps
     windows = context.calibration if config.seqlen is None else context.calibration[:, : config.seqlen]
     stream = batches(windows, min(config.batch_size, windows.shape[0]), context.seed)
+    objective = context.objective or language_model_loss
     mu = system.clamp(mu.to(system.full.device)).requires_grad_()
-    optimizer = torch.optim.Adam([mu], lr=config.lr)
+    step_mu = BudgetStep(config.lr, config.steps) if budget_mode == "shift" else torch.optim.Adam([mu], lr=config.lr)
     score_sum = torch.zeros_like(system.valid, dtype=torch.float64)
     score_count = torch.zeros_like(score_sum)
     first_scored = config.steps - max(1, math.ceil(SCORE_FRACTION * config.steps))
@@ -259,17 +310,20 @@ def train_ranks(context: AllocationContext, system: FermiSystem, mu: torch.Tenso
             occupations.retain_grad()
             widths = system.gate_widths(mu, temp, eps)
             apply_gates(layers, occupations, widths)
-            task = language_model_loss(model, batch) if reference is None else kl_to_dense(model, batch, reference)
+            task = objective(model, batch) if reference is None else kl_to_dense(model, batch, reference)
             ratio = system.soft_ratio(mu, temp)
             loss = task + penalty * (ratio - budget.keep_ratio).abs() if budget_mode == "penalty" else task
-            optimizer.zero_grad(set_to_none=True)
+            mu.grad = None
             loss.backward()
             gated = torch.tensor(widths, dtype=torch.float64, device=mu.device)
             if step >= first_scored:
                 seen = system.index[None, :] <= gated[:, None]
                 score_sum -= occupations.grad * seen
                 score_count += seen
-            optimizer.step()
+            if isinstance(step_mu, BudgetStep):
+                step_mu.step(mu, system.cost_slopes(mu, temp))
+            else:
+                step_mu.step()
             with torch.no_grad():
                 mu.copy_(system.clamp(mu))
             width = float((gated * system.width).sum()) / full_flops
