@@ -98,9 +98,10 @@ class ModelSource:
     hub: bool = False  # a hub id: an OSError from from_pretrained means nothing was found there
     local_files_only: bool = False  # a hub id while the hub is out of reach: the local HF cache only
 
-    def not_found(self, spec: str, error: Exception | None = None) -> ModelNotFoundError:
-        cause = f" ({_one_line(error)})" if error is not None else ""
-        return ModelNotFoundError(f"model {spec!r} not found; tried: {'; '.join(self.tried)}{cause}")
+
+def _not_found(spec: str, tried: tuple[str, ...], error: BaseException | None = None) -> ModelNotFoundError:
+    cause = f" ({_one_line(error)})" if error is not None else ""
+    return ModelNotFoundError(f"model {spec!r} not found; tried: {'; '.join(tried)}{cause}")
 
 
 def resolve_model_path(spec: str | os.PathLike) -> ModelSource:
@@ -130,9 +131,9 @@ def resolve_model_path(spec: str | os.PathLike) -> ModelSource:
         if (path / "config.json").is_file():
             return ModelSource(str(path), (f"local folder {path}",))
         raise ModelNotFoundError(f"{path} is a folder but has no config.json (not a Hugging Face model folder)")
-    tried = [f"bundled names {sorted(BUNDLED)}", f"local folder {path.resolve()} (does not exist)"]
+    tried = (f"bundled names {sorted(BUNDLED)}", f"local folder {path.resolve()} (does not exist)")
     if not is_hub_id(text):
-        raise ModelSource(text, (*tried, "not a hub id (it names a path)")).not_found(text)
+        raise _not_found(text, (*tried, "not a hub id (it names a path)"))
     if hub_reachable():
         return ModelSource(text, (*tried, f"Hugging Face hub id {text!r}"), hub=True)
     return ModelSource(text, (*tried, f"hub id {text!r} in the local Hugging Face cache (the hub is out of reach)"),
@@ -201,7 +202,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, weights_only=True, **options)
         except OSError as error:
             if source.hub:  # nothing under that hub id (or in its cache): say where we looked
-                raise source.not_found(str(spec), error) from error
+                raise _not_found(str(spec), source.tried, error) from error
             raise
         tokenizer = AutoTokenizer.from_pretrained(source.path, **options)
     model.to(target).eval()
