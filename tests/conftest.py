@@ -96,6 +96,14 @@ def smollm2():
     return rankcut.load_model("smollm2-135m", device="cpu")
 
 
+def shard_holding(folder: Path, fragment: str = "") -> Path:
+    """The safetensors shard of an artifact that holds the first tensor whose name contains ``fragment``."""
+    import json
+
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    return folder / next(shard for name, shard in weight_map.items() if fragment in name)
+
+
 def plain_window_nll(model, windows: torch.Tensor) -> float:
     """Reference: the straightforward per-window Hugging Face loop (labels = inputs)."""
     total, count = 0.0, 0

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rankcut
-from conftest import ARCHS, calibration_ids, tiny_model
+from conftest import ARCHS, calibration_ids, shard_holding, tiny_model
 from rankcut import CompressionConfig, compress
 from rankcut.errors import ArtifactError, ConfigError, FactorizationError
 from rankcut.layers import LowRankLinear, PivGaLinear
@@ -71,7 +71,7 @@ def test_output_dir_gets_the_whitening_spectra_plot(tmp_path, monkeypatch):
     assert plain == pytest.approx(expected.tolist(), rel=1e-9)
     assert whitened == sorted(whitened, reverse=True) and len(whitened) == len(plain)
 
-    compress(tiny_model(), CompressionConfig(keep_ratio=0.7, whitening="none"), show_progress=False,
+    compress(tiny_model(), CompressionConfig(keep_ratio=0.7, whitening="none", allocator="uniform"), show_progress=False,
              output_dir=tmp_path / "plain")
     assert not (tmp_path / "plain" / "spectra_whitening.png").exists()  # nothing to compare without whitening
 
@@ -108,9 +108,10 @@ def test_whitening_beats_plain_svd_on_calibration_loss():
 
 def test_sequential_differs_from_open_loop_and_meets_budget():
     ids = calibration_ids()
-    open_loop, _ = compress(tiny_model(), CompressionConfig(keep_ratio=0.5), calibration=ids, show_progress=False)
-    closed, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.5, sequential=True), calibration=ids,
-                              show_progress=False)
+    open_loop, _ = compress(tiny_model(), CompressionConfig(keep_ratio=0.5, allocator="uniform"), calibration=ids,
+                            show_progress=False)
+    closed, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.5, allocator="uniform", sequential=True),
+                              calibration=ids, show_progress=False)
     assert report.measured["target_params"] <= report.measured["budget"]
     assert "calibrate + decompose" not in report.timings  # uniform plans from shapes; one pass
     assert not torch.equal(logits(open_loop, ids[:2]), logits(closed, ids[:2]))
@@ -141,7 +142,7 @@ def test_artifact_is_atomic_and_tamper_evident(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no partial folder left behind
     with pytest.raises(ArtifactError, match="already exists"):
         rankcut.save(model, None, tmp_path / "art", report)
-    weights = out / "model.safetensors"
+    weights = shard_holding(out)
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(ArtifactError, match="truncated or altered"):
@@ -162,10 +163,14 @@ def test_stock_from_pretrained_refuses_missing_factors(tmp_path):
                              show_progress=False)
     out = rankcut.save(model, None, tmp_path / "art", report)
     AutoModelForCausalLM.from_pretrained(out)  # complete: loads
-    weights = load_file(out / "model.safetensors")
+    shard = shard_holding(out, ".mlp.up_proj.")
+    weights = load_file(shard)
     dropped = next(key for key in weights if ".mlp.up_proj." in key)
     del weights[dropped]
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    save_file(weights, shard, metadata={"format": "pt"})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    del index["weight_map"][dropped]
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ArtifactError, match=f"lack 1 factor tensor.*{dropped}"):
         AutoModelForCausalLM.from_pretrained(out)
 
@@ -206,10 +211,10 @@ def test_nan_weight_is_an_error_naming_the_module():
 
 def test_pivga_plans_buy_more_rank_and_reload(tmp_path):
     ids = calibration_ids()
-    plain, plain_report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6, factor_format="plain"), calibration=ids,
-                                   show_progress=False)
-    pivga, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6, factor_format="pivga"), calibration=ids,
-                             show_progress=False)
+    plain, plain_report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6, allocator="uniform", factor_format="plain"),
+                                   calibration=ids, show_progress=False)
+    pivga, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.6, allocator="uniform", factor_format="pivga"),
+                             calibration=ids, show_progress=False)
     assert report.measured["target_params"] <= report.measured["budget"] == plain_report.measured["budget"]
     name = "model.layers.0.self_attn.q_proj"
     assert report.plan.ranks[name] > plain_report.plan.ranks[name]

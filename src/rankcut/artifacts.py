@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -26,8 +27,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ._settings import resolve_device, resolve_dtype
 from .errors import ArtifactError
+from .checkpoint import stored_names, tensor_names
 from .layers import LAYER_CLASSES, build_layer, describe_layer
-from .targets import set_submodule
+from .targets import find_decoder_blocks, set_submodule
 from .workdir import is_disk_full
 
 # 1: plain factors only; 2: adds PivGa layers ("type": "pivga" with a "variant"). Older versions load.
@@ -193,43 +195,112 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
                             "artifacts: choose another --out")
 
 
-def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, plan: dict, settings: dict,
-                  diagnostics: dict, measured: dict, extra_files: dict[str, str], overwrite: bool = False) -> Path:
-    """Write the artifact to a temporary folder beside ``out_dir`` and move it into place when complete.
+class ArtifactWriter:
+    """Writes an artifact one group of modules at a time, so a compressed model never has to be whole
+    in memory: each decoder block becomes one safetensors shard as soon as it is factorized, the modules
+    outside the blocks (embeddings, final norm, head) the last one, and :meth:`finish` adds the index,
+    config, tokenizer, reports and manifest in a staging folder beside ``out`` and moves it into place.
+    Used as a context manager: on any failure the staging folder is removed and ``out`` is untouched."""
 
-    ``extra_files`` (name -> text: model card, reports) are written beside the weights and hashed too.
-    """
-    out = Path(out_dir)
-    check_output_folder(out, overwrite)
-    modules = {name: description for name, module in model.named_modules()
-               if (description := describe_layer(module)) is not None}
-    config = RankcutConfig(FORMAT_VERSION, modules, plan, settings, diagnostics, measured)
-    previous = getattr(model.config, "quantization_config", None)
-    staging: Path | None = None
-    try:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-            model.config.quantization_config = config
-            model.save_pretrained(staging, safe_serialization=True)
+    def __init__(self, out: str | os.PathLike, shards: int, *, overwrite: bool = False) -> None:
+        self.out, self.shards, self.overwrite = Path(out), shards, overwrite
+        check_output_folder(self.out, overwrite)
+        self.staging: Path | None = None
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+        self.modules: dict[str, dict] = {}  # factorized layer descriptions, for the config
+        self.written = 0
+
+    def __enter__(self) -> "ArtifactWriter":
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def write(self, model: nn.Module, names: list[str]) -> None:
+        """Write the named tensors of ``model`` (parameters and persistent buffers) as the next shard,
+        with the layer description of every factorized module among them."""
+        assert self.staging is not None, "use ArtifactWriter as a context manager"
+        self.written += 1
+        shard = f"model-{self.written:05d}-of-{self.shards:05d}.safetensors"
+        tensors = {}
+        for name in names:
+            owner, _, attribute = name.rpartition(".")
+            module = model.get_submodule(owner)
+            tensors[name] = getattr(module, attribute).detach().contiguous()
+            if (description := describe_layer(module)) is not None:
+                self.modules[owner] = description
+        self._guarded(lambda: save_file(tensors, self.staging / shard, metadata={"format": "pt"}))
+        self.weight_map.update(dict.fromkeys(tensors, shard))
+        self.total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def finish(self, model: nn.Module, tokenizer, *, plan: dict, settings: dict, diagnostics: dict, measured: dict,
+               extra_files: dict[str, str]) -> Path:
+        """Index, ``model``'s config (with the rankcut section, as ``save_pretrained`` writes it) and
+        generation config, tokenizer, ``extra_files`` (name -> text) and the manifest; then move the
+        folder to ``out``."""
+        assert self.staging is not None and self.written == self.shards, "every shard must be written first"
+        staging = self.staging
+        config = RankcutConfig(FORMAT_VERSION, self.modules, plan, settings, diagnostics, measured)
+        model_config = model.config
+        previous = getattr(model_config, "quantization_config", None)
+
+        def write_files() -> None:
+            (staging / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}, indent=2))
+            model_config.quantization_config = config
+            model_config.dtype = str(model.dtype).removeprefix("torch.")
+            model_config.architectures = [type(model).__name__]
+            model_config.save_pretrained(staging)
+            if model.can_generate():
+                model.generation_config.save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             for name, text in extra_files.items():
                 (staging / name).write_text(text)
             _write_manifest(staging)
+
+        try:
+            self._guarded(write_files)
+        finally:
+            if previous is None:
+                model_config.__dict__.pop("quantization_config", None)
+            else:
+                model_config.quantization_config = previous
+        _move_into_place(staging, self.out)
+        self.staging = None
+        return self.out
+
+    def _guarded(self, write) -> None:
+        try:
+            write()
         except (OSError, SafetensorError) as error:
             hint = "the disk is full: free some space or choose another --out" if is_disk_full(error) else "check --out"
-            message = f"could not write the artifact ({error}); {hint}. Nothing was written to {out}"
-            raise ArtifactError(message) from error
-        _move_into_place(staging, out)
-    finally:
-        if previous is None:
-            model.config.__dict__.pop("quantization_config", None)
-        else:
-            model.config.quantization_config = previous
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return out
+            raise ArtifactError(f"could not write the artifact ({error}); {hint}. Nothing was written to {self.out}"
+                                ) from error
+
+
+def save_artifact(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, plan: dict, settings: dict,
+                  diagnostics: dict, measured: dict, extra_files: dict[str, str], overwrite: bool = False) -> Path:
+    """Write a model held in memory as an artifact, block by block like the streamed path."""
+    groups = shard_groups(model)
+    with ArtifactWriter(out_dir, len(groups), overwrite=overwrite) as writer:
+        for names in groups:
+            writer.write(model, names)
+        return writer.finish(model, tokenizer, plan=plan, settings=settings, diagnostics=diagnostics,
+                             measured=measured, extra_files=extra_files)
+
+
+def shard_groups(model: nn.Module) -> list[list[str]]:
+    """The tensor names of each shard, as they stand now: one group per decoder block, then the rest
+    (a tied parameter once)."""
+    prefix, blocks = find_decoder_blocks(model, with_linears=False)
+    groups = [tensor_names(model, f"{prefix}.{index}") for index in range(len(blocks))]
+    inside = {n for group in groups for n in group}
+    return [*groups, [n for n in stored_names(model) if n not in inside]]
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .checkpoint import ResidentWeights
 from .errors import RankcutError
 from .targets import TargetModule, find_decoder_blocks
 
@@ -74,18 +75,30 @@ class BlockRun:
 
 
 class BlockStream:
-    """Drives block-by-block calibration over ``calibration`` token ids (``nsamples x seqlen``)."""
+    """Drives block-by-block calibration over ``calibration`` token ids (``nsamples x seqlen``).
 
-    def __init__(self, model: nn.Module, targets: list[TargetModule], calibration: torch.Tensor, batch_size: int = 8):
+    ``weights`` brings each block's parameters in before it runs and lets them go after (a skeleton
+    streamed from its checkpoint); for a model in memory it does nothing. ``device``: where the blocks
+    run (default: where the model's parameters are)."""
+
+    def __init__(self, model: nn.Module, targets: list[TargetModule], calibration: torch.Tensor, batch_size: int = 8,
+                 *, weights: ResidentWeights | None = None, device: torch.device | None = None):
         self.model, self.targets = model, targets
         self.prefix, self.blocks = find_decoder_blocks(model)
-        self.device = next(model.parameters()).device
+        self.weights = weights or ResidentWeights(model)
+        self.device = device or next(model.parameters()).device
         self.batches = list(calibration.split(batch_size))
+
+    def block_name(self, index: int) -> str:
+        return f"{self.prefix}.{index}"
 
     @torch.inference_mode()
     def _capture(self) -> tuple[list[torch.Tensor], dict[int, list[dict]]]:
         sink: dict[int, list] = {}
         originals = list(self.blocks)
+        embedding = next(name for name, module in self.model.named_modules()
+                         if module is self.model.get_input_embeddings())
+        self.weights.onload([embedding])
         for index, block in enumerate(originals):
             self.blocks[index] = _BlockRecorder(block, index, index == len(originals) - 1, sink)
         try:
@@ -97,6 +110,7 @@ class BlockStream:
         finally:
             for index, block in enumerate(originals):
                 self.blocks[index] = block
+            self.weights.offload([embedding])
         hidden = [h for h, _ in sink[0]]
         kwargs = {index: [k for _, k in records] for index, records in sink.items()}
         return hidden, kwargs
@@ -130,6 +144,7 @@ class BlockStream:
         for index in range(start_block, len(self.blocks)):
             block = self.blocks[index]
             run = BlockRun(index, block, by_block.get(index, []))
+            self.weights.onload([self.block_name(index)])
             with torch.inference_mode():
                 outputs = self._run_block(block, hidden, block_kwargs[index], run)
             on_block(run)
@@ -138,6 +153,7 @@ class BlockStream:
                     outputs = [
                         _block_output(block(h, **kw)) for h, kw in zip(hidden, block_kwargs[index])
                     ]
+            self.weights.offload([self.block_name(index)])
             hidden = outputs
             if on_outputs is not None:
                 on_outputs(index + 1, hidden)

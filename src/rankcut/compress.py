@@ -30,7 +30,9 @@ from torch import nn
 
 from ._settings import cache_dir
 from .allocation import AllocationContext, create_allocator
+from .artifacts import ArtifactWriter
 from .calibration import BlockRun, BlockStream, InputStatistics
+from .checkpoint import CheckpointSource, ResidentWeights, outer_modules, tensor_names
 from .data import load_text, sample_calibration
 from .decomposition import Spectrum, whitened_svd
 from .errors import ConfigError, FactorizationError
@@ -136,6 +138,40 @@ class CompressionReport:
             text += f" ({start / 2**30:.2f} GiB held when the call began)"
         return text
 
+    def markdown(self) -> str:
+        lines = ["| quantity | value |", "|---|---|"]
+        lines += [f"| {name} | {value} |" for name, value in self.summary_rows()]
+        lines += ["", "| module | shape | rank | whitening |", "|---|---|---|---|"]
+        for name, rank in self.plan.ranks.items():
+            m, n = self.plan.shapes[name]
+            path = self.diagnostics.get(name, {}).get("path", "")
+            lines.append(f"| {name} | {m}x{n} | {rank} | {path} |")
+        return "\n".join(lines) + "\n"
+
+    def model_card(self, base_model: str | None) -> str:
+        config = self.config
+        return f"""---
+library_name: transformers
+tags: [rankcut, low-rank, svd, compression]
+---
+# Low-rank compressed model
+
+Compressed with [rankcut](https://pypi.org/project/rankcut/) from `{base_model or 'unknown base model'}`:
+keep ratio {config['keep_ratio']} of the decoder linear parameters, allocator `{config['allocator']}`,
+whitening `{config['whitening']}`, {config['factor_format']} factors, calibration on
+`{config['calibration']['dataset']}` ({config['calibration']['nsamples']} x {config['calibration']['seqlen']} tokens).
+
+Load it with `import rankcut` followed by `rankcut.load(path)` or
+`transformers.AutoModelForCausalLM.from_pretrained(path)`. No custom code runs on load.
+
+{self.markdown()}"""
+
+    def files(self, base_model: str | None) -> dict[str, str]:
+        """What an artifact carries beside its weights: the model card and this report (JSON, Markdown)."""
+        return {"README.md": self.model_card(base_model),
+                "rankcut_report.json": json.dumps(self.to_dict(), indent=2, default=str),
+                "rankcut_report.md": self.markdown()}
+
     def summary_rows(self) -> list[tuple[str, str]]:
         m = self.measured
         rows = [
@@ -221,7 +257,7 @@ def compress(
     work_dir: str | Path | None = None,
     spectra_cache: str | Path | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
-    """Compress ``model`` in place and return it with a report.
+    """Compress ``model`` (held in memory) in place and return it with a report.
 
     ``calibration`` (``nsamples x seqlen`` token ids) overrides sampling from ``config.calibration``,
     which needs ``tokenizer``.
@@ -229,32 +265,87 @@ def compress(
     ``work_dir`` makes the run resumable: expensive intermediate results are checkpointed there (see
     :mod:`rankcut.workdir`) and the same call after an interruption continues from them, with a
     bit-identical result. A folder left by a different run (settings, model or calibration data) is
-    refused with :class:`ConfigError`. Delete it once the result is saved (the CLI does).
+    refused with :class:`ConfigError`. Delete it once the result is saved (the CLI does). With a work
+    folder the spectra live on disk and only singular values stay in memory.
 
     ``spectra_cache`` keeps the open-loop spectra in a folder keyed by what they depend on (model,
     calibration ids, whitening settings, exclusions), so runs that differ only in keep ratio, allocator
     or factor format skip calibration. Use it from one process at a time.
+
+    :func:`compress_checkpoint` runs the same pipeline on a checkpoint folder, one block in memory at a
+    time, writing the artifact as it goes.
     """
+    config = _as_config(config)
+    report = _measured(config, lambda: _conduct(
+        model, ResidentWeights(model), config, tokenizer=tokenizer, calibration=calibration,
+        show_progress=show_progress, output_dir=output_dir, work_dir=work_dir, spectra_cache=spectra_cache))
+    return model, report
+
+
+def compress_checkpoint(
+    folder: str | Path,
+    config: CompressionConfig | Mapping[str, Any] | None,
+    out_dir: str | Path,
+    *,
+    tokenizer=None,
+    calibration: torch.Tensor | None = None,
+    base_model: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    show_progress: bool = True,
+    work_dir: str | Path | None = None,
+    spectra_cache: str | Path | None = None,
+) -> CompressionReport:
+    """Compress the safetensors checkpoint in ``folder`` into an artifact at ``out_dir``, streaming.
+
+    The model is a skeleton without weights (:class:`CheckpointSource`); each decoder block is read
+    from disk when the pipeline reaches it and dropped after, the spectra stay in the work folder, and
+    each block's factors go straight into the artifact's shard, so host memory holds one block (plus the
+    calibration activations) whatever the depth. Allocators that run the whole model (``needs_model``)
+    load it for the allocation only. The same stages as :func:`compress` run, so plans and factors are
+    the same bit for bit on the same device.
+    """
+    config = _as_config(config)
+    source = CheckpointSource.open(folder, dtype=dtype, device=device)
+    model = source.skeleton()
+    if tokenizer is None and any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    with ArtifactWriter(out_dir, len(find_decoder_blocks(model)[1]) + 1, overwrite=overwrite) as writer:
+        report = _measured(config, lambda: _conduct(
+            model, source.stream(model), config, tokenizer=tokenizer, calibration=calibration,
+            show_progress=show_progress, output_dir=Path(out_dir).parent, work_dir=work_dir,
+            spectra_cache=spectra_cache, writer=writer))
+        writer.finish(model, tokenizer, plan=report.plan.to_dict(), settings={**report.config, "base_model": base_model},
+                      diagnostics=report.diagnostics, measured=report.measured,
+                      extra_files=report.files(base_model))
+    return report
+
+
+def _as_config(config: CompressionConfig | Mapping[str, Any] | None) -> CompressionConfig:
     if config is None:
-        config = CompressionConfig()
-    elif isinstance(config, Mapping):
-        config = CompressionConfig.from_dict(config)
+        return CompressionConfig()
+    return CompressionConfig.from_dict(config) if isinstance(config, Mapping) else config
+
+
+def _measured(config: CompressionConfig, run) -> CompressionReport:
+    """Run ``run()`` (the plan, timings, sizes and diagnostics) and report it with its peak memory."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with peak_rss() as host:
-        plan, timings, measured, diagnostics = _compress_in_place(
-            model, config, tokenizer=tokenizer, calibration=calibration, show_progress=show_progress,
-            output_dir=output_dir, work_dir=work_dir, spectra_cache=spectra_cache)
+        plan, timings, measured, diagnostics = run()
     memory = {"host_peak_bytes": host["peak_bytes"], "host_start_bytes": host["start_bytes"],
               "host_method": host["method"],
               "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
-    return model, CompressionReport(config.to_dict(), plan, timings, _peak_memory_bytes(memory), measured, diagnostics,
-                                    memory)
+    return CompressionReport(config.to_dict(), plan, timings, _peak_memory_bytes(memory), measured, diagnostics, memory)
 
 
-def _compress_in_place(
+def _conduct(
     model: nn.Module,
+    weights: ResidentWeights,
     config: CompressionConfig,
     *,
     tokenizer,
@@ -263,8 +354,11 @@ def _compress_in_place(
     output_dir: str | Path | None,
     work_dir: str | Path | None,
     spectra_cache: str | Path | None,
+    writer: ArtifactWriter | None = None,
 ) -> tuple[RankPlan, dict[str, float], dict[str, int | float], dict[str, dict[str, Any]]]:
-    """The body of :func:`compress`: the plan, phase timings, measured sizes and whitening diagnostics."""
+    """The stages: calibrate and decompose (spectra to the store), allocate, factorize block by block
+    (each block handed to ``writer`` when there is one). Returns the plan, phase timings, measured sizes
+    and whitening diagnostics."""
     timings: dict[str, float] = {}
     model.eval()
     targets = find_targets(model, config.exclude)
@@ -273,6 +367,7 @@ def _compress_in_place(
     decomposer = _Decomposer(model, config.whitening, config.whitening_options)
     dense_params, dense_bytes = sum(p.numel() for p in model.parameters()), weight_bytes(model)
     needs_data = config.whitening != "none" or allocator.needs_model
+    device = _compute_device(model, weights)
 
     if needs_data:
         if calibration is None:
@@ -286,7 +381,7 @@ def _compress_in_place(
                                                  config.calibration.seqlen, config.calibration.seed)
         _check_calibration(model, calibration)
 
-    with _work_dir(work_dir, config, model, targets, calibration if needs_data else None) as work:
+    with _work_dir(work_dir, config, model, weights, targets, calibration if needs_data else None) as work:
         plan = work.load_plan() if work is not None else None
         if plan is not None and dict(plan.shapes) != dict(budget.shapes):
             raise ConfigError(f"the rank plan in {work.path} does not match this model; delete the work folder")
@@ -295,44 +390,62 @@ def _compress_in_place(
         # the closed loop decomposes again anyway: spectra only if the allocator needs them
         if not closed_loop or (plan is None and allocator.needs_spectra):
             with _phase(timings, "calibrate + decompose"):
-                checkpoints = _spectra_checkpoints(work, spectra_cache, config, model, targets, calibration)
-                _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress, checkpoints)
-            if output_dir is not None and config.whitening != "none":
-                _plot_whitening(model, targets, spectra, Path(output_dir))
+                checkpoints = _spectra_checkpoints(work, spectra_cache, config, model, weights, targets, calibration)
+                curves = _collect_spectra(model, weights, device, targets, calibration, config, decomposer, spectra,
+                                          show_progress, checkpoints)
+            if output_dir is not None and curves:
+                _plot_whitening(curves, targets, Path(output_dir))
 
         if plan is None:
             with _phase(timings, "allocate"):
+                if allocator.needs_model:
+                    weights.onload([""])  # the whole model, for the allocation only
                 context = AllocationContext(
                     budget, targets, spectra, model if allocator.needs_model else None, calibration,
                     seed=config.calibration.seed, show_progress=show_progress,
                     output_dir=Path(output_dir) if output_dir else None, cache_dir=cache_dir() / "allocators",
                     work_dir=work.allocator_dir if work is not None else None)
-                plan = allocator.allocate(context)
+                try:
+                    plan = allocator.allocate(context)
+                finally:
+                    if allocator.needs_model:
+                        weights.offload([""])
             if work is not None:
                 work.save_plan(plan)
 
+        hand_over = (lambda block: writer.write(model, tensor_names(model, block))) if writer is not None else None
         with _phase(timings, "factorize"):
             if closed_loop:
                 spectra.clear()  # re-decomposed block by block against the compressed upstream blocks
-                _factorize_sequential(model, targets, calibration, config, decomposer, plan, show_progress, work)
+                _factorize_sequential(model, weights, device, targets, calibration, config, decomposer, plan,
+                                      show_progress, work, hand_over)
             else:
-                for target in targets:
-                    _replace(model, target, spectra.pop(target.name), plan, config.factor_format)
+                _factorize_open_loop(model, weights, targets, spectra, plan, config.factor_format, hand_over)
+            if writer is not None:
+                outer = outer_modules(model, find_decoder_blocks(model, with_linears=False)[0])
+                weights.onload(outer)
+                writer.write(model, [name for module in outer for name in tensor_names(model, module)])
+                weights.offload(outer)
 
     measured = _measure(model, targets, budget, plan, dense_params, dense_bytes)
     return plan, timings, measured, decomposer.diagnostics
 
 
+def _compute_device(model: nn.Module, weights: ResidentWeights) -> torch.device:
+    """Where the blocks run: the streamed source's device, else where the model's parameters are."""
+    return getattr(getattr(weights, "source", None), "device", None) or next(model.parameters()).device
+
+
 @contextmanager
-def _work_dir(path: str | Path | None, config: CompressionConfig, model: nn.Module, targets: list[TargetModule],
-              calibration: torch.Tensor | None) -> Iterator[WorkDir | None]:
+def _work_dir(path: str | Path | None, config: CompressionConfig, model: nn.Module, weights: ResidentWeights,
+              targets: list[TargetModule], calibration: torch.Tensor | None) -> Iterator[WorkDir | None]:
     """The run's work folder (None without ``path``), locked while the run uses it."""
     if path is None:
         yield None
         return
     settings = config.to_dict()
     settings["calibration"].pop("data_dir")  # where the data was read from does not matter; the ids (hashed) do
-    with WorkDir.open(path, run_record(settings, model, targets, calibration)) as work:
+    with WorkDir.open(path, run_record(settings, model, weights, targets, calibration)) as work:
         yield work
 
 
@@ -362,7 +475,7 @@ def _resume(checkpoints: BlockCheckpoints | None, device: torch.device, decompos
 
 
 def _spectra_checkpoints(work: WorkDir | None, spectra_cache: str | Path | None, config: CompressionConfig,
-                         model: nn.Module, targets: list[TargetModule],
+                         model: nn.Module, weights: ResidentWeights, targets: list[TargetModule],
                          calibration: torch.Tensor | None) -> BlockCheckpoints | None:
     """Where the open-loop pass keeps its per-block spectra: the shared cache under a key of what the
     spectra depend on, else the run's work folder, else nowhere."""
@@ -370,50 +483,64 @@ def _spectra_checkpoints(work: WorkDir | None, spectra_cache: str | Path | None,
     if spectra_cache is not None and calibration is not None:
         depends_on = {"whitening": config.whitening, "whitening_options": config.whitening_options,
                       "batch_size": config.calibration.batch_size, "exclude": config.exclude}
-        record = run_record(depends_on, model, targets, calibration)
+        record = run_record(depends_on, model, weights, targets, calibration)
         key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
         Path(spectra_cache).mkdir(parents=True, exist_ok=True)
         return BlockCheckpoints(Path(spectra_cache) / key, blocks)
     return work.blocks("spectra", blocks) if work is not None else None
 
 
-def _collect_spectra(model, targets, calibration, config, decomposer, spectra, show_progress,
-                     checkpoints: BlockCheckpoints | None) -> None:
+Curves = dict[str, tuple[list[float], list[float]]]
+
+
+def _collect_spectra(model, weights, device, targets, calibration, config, decomposer, spectra, show_progress,
+                     checkpoints: BlockCheckpoints | None) -> Curves:
+    """Fill ``spectra`` (with checkpoints: singular values in memory, factors on disk) and return the
+    middle block's singular values before and after whitening, for the plot (empty if not computed)."""
+    prefix, blocks = find_decoder_blocks(model)
+    middle = targets[len(targets) // 2].block
+    curves: Curves = {}
     if config.whitening == "none":  # no calibration: cheap, nothing to checkpoint
         from .whitening.base import IdentityWhitening
 
         identity = IdentityWhitening({"path": "identity"})
-        for target in targets:
-            spectra[target.name] = whitened_svd(model.get_submodule(target.name).weight, identity, target.name)
-            decomposer.diagnostics[target.name] = dict(identity.diagnostics)
-        return
-    stream = BlockStream(model, targets, calibration, config.calibration.batch_size)
+        for index in range(len(blocks)):
+            weights.onload([f"{prefix}.{index}"])
+            for target in (t for t in targets if t.block == index):
+                spectra[target.name] = whitened_svd(model.get_submodule(target.name).weight, identity, target.name)
+                decomposer.diagnostics[target.name] = dict(identity.diagnostics)
+            weights.offload([f"{prefix}.{index}"])
+        return curves
+    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights, device=device)
     state = _resume(checkpoints, stream.device, decomposer)
     spectra.update(state.spectra)
 
     def decompose_block(run: BlockRun) -> None:
         block_spectra = decomposer.spectra(run)
-        spectra.update(block_spectra)
-        if checkpoints is not None:
-            checkpoints.save_block(run.index, block_spectra, {n: decomposer.diagnostics[n] for n in block_spectra})
+        if run.index == middle:
+            curves.update({name.split(f".{middle}.", 1)[-1]: (
+                torch.linalg.svdvals(model.get_submodule(name).weight.detach().double().cpu()).tolist(),
+                spectrum.sigma.tolist()) for name, spectrum in block_spectra.items()})
+        if checkpoints is None:
+            spectra.update(block_spectra)
+            return
+        checkpoints.save_block(run.index, block_spectra, {n: decomposer.diagnostics[n] for n in block_spectra})
+        spectra.update(checkpoints.stored(run.index)[0])  # the factors stay on disk
 
     with progress_bar("calibrate + decompose blocks", total=len(stream.blocks), enabled=show_progress) as advance:
         advance(state.next_block)
         if state.next_block < len(stream.blocks):
             stream.run(decompose_block, progress=advance, start_block=state.next_block, hidden=state.hidden,
                        on_outputs=checkpoints.save_activations if checkpoints is not None else None)
+    return curves
 
 
-def _plot_whitening(model: nn.Module, targets: list[TargetModule], spectra: Mapping[str, Spectrum],
-                    output_dir: Path) -> None:
+def _plot_whitening(curves: Curves, targets: list[TargetModule], output_dir: Path) -> None:
     """``spectra_whitening.png``: singular values of the middle block's targets before and after
     whitening, next to the output (skipped without matplotlib, an optional extra)."""
     from .plots import plot_spectra
 
     middle = targets[len(targets) // 2].block
-    curves = {target.name.split(f".{middle}.", 1)[-1]: (
-        torch.linalg.svdvals(model.get_submodule(target.name).weight.detach().double()).tolist(),
-        spectra[target.name].sigma.tolist()) for target in targets if target.block == middle}
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         plot_spectra(curves, output_dir / "spectra_whitening.png",
@@ -422,21 +549,40 @@ def _plot_whitening(model: nn.Module, targets: list[TargetModule], spectra: Mapp
         pass
 
 
-def _replace(model: nn.Module, target: TargetModule, spectrum: Spectrum, plan: RankPlan, factor_format: str) -> None:
+def _replace(model: nn.Module, target: TargetModule, spectra: dict[str, Spectrum], plan: RankPlan,
+             factor_format: str) -> None:
+    """Swap ``target`` for its factors at the planned rank (the spectrum leaves ``spectra``); dense: keep."""
     rank = plan.ranks[target.name]
     if rank == DENSE:
         return
-    set_submodule(model, target.name, _factorized_layer(model.get_submodule(target.name), spectrum, rank, factor_format))
+    layer = _factorized_layer(model.get_submodule(target.name), spectra.pop(target.name), rank, factor_format)
+    set_submodule(model, target.name, layer)
 
 
-def _factorize_sequential(model, targets, calibration, config, decomposer, plan, show_progress,
-                          work: WorkDir | None) -> None:
-    stream = BlockStream(model, targets, calibration, config.calibration.batch_size)
+def _factorize_open_loop(model, weights, targets, spectra, plan, factor_format: str, hand_over,
+                         blocks: range | None = None) -> None:
+    """Replace the targets of ``blocks`` (all by default) by their factors at the planned rank, one block
+    resident at a time, each handed over once done."""
+    prefix, decoder_blocks = find_decoder_blocks(model, with_linears=False)
+    for index in blocks if blocks is not None else range(len(decoder_blocks)):
+        block = f"{prefix}.{index}"
+        weights.onload([block])
+        for target in (t for t in targets if t.block == index):
+            _replace(model, target, spectra, plan, factor_format)
+        if hand_over is not None:
+            hand_over(block)
+        weights.offload([block])
+
+
+def _factorize_sequential(model, weights, device, targets, calibration, config, decomposer, plan, show_progress,
+                          work: WorkDir | None, hand_over) -> None:
+    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights, device=device)
     checkpoints = work.blocks("sequential", len(stream.blocks)) if work is not None else None
     state = _resume(checkpoints, stream.device, decomposer)
     by_name = {t.name: t for t in targets}
-    for name, spectrum in state.spectra.items():  # blocks factorized before the interruption
-        _replace(model, by_name[name], spectrum, plan, config.factor_format)
+    # blocks factorized before an interruption: their cut factors are in the checkpoints
+    _factorize_open_loop(model, weights, targets, state.spectra, plan, config.factor_format, hand_over,
+                         range(state.next_block))
 
     def factorize_block(run: BlockRun) -> None:
         block_spectra = decomposer.spectra(run)
@@ -444,8 +590,10 @@ def _factorize_sequential(model, targets, calibration, config, decomposer, plan,
             kept = {name: _truncated(spectrum, plan.ranks[name]) for name, spectrum in block_spectra.items()
                     if plan.ranks[name] != DENSE}
             checkpoints.save_block(run.index, kept, {n: decomposer.diagnostics[n] for n in block_spectra})
-        for name, spectrum in block_spectra.items():
-            _replace(model, by_name[name], spectrum, plan, config.factor_format)
+        for name in list(block_spectra):
+            _replace(model, by_name[name], block_spectra, plan, config.factor_format)
+        if hand_over is not None:
+            hand_over(stream.block_name(run.index))
 
     with progress_bar("factorize blocks (closed loop)", total=len(stream.blocks), enabled=show_progress) as advance:
         advance(state.next_block)

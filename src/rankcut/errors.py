@@ -14,6 +14,11 @@ class ModelLoadError(RankcutError):
     architecture. The message carries the loading library's own words, which name the fix."""
 
 
+class CheckpointError(RankcutError):
+    """A model checkpoint's files are missing, truncated or do not match its config; the message names
+    the file."""
+
+
 class DataNotFoundError(RankcutError):
     pass
 

@@ -143,7 +143,7 @@ def resolve_model_path(spec: str | os.PathLike) -> ModelSource:
 def _one_line(error: BaseException) -> str:
     """An exception's message on one line, cut to a readable length."""
     text = " ".join(str(error).split())
-    return f"{error.__class__.__name__}: {text[:400]}{'…' if len(text) > 400 else ''}"
+    return f"{error.__class__.__name__}: {text[:1000]}{'…' if len(text) > 1000 else ''}"
 
 
 @contextmanager

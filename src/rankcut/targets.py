@@ -29,15 +29,16 @@ class TargetModule:
         return (self.out_features, self.in_features)
 
 
-def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The name and the ``nn.ModuleList`` of the model's repeated decoder blocks."""
+def find_decoder_blocks(model: nn.Module, *, with_linears: bool = True) -> tuple[str, nn.ModuleList]:
+    """The name and the ``nn.ModuleList`` of the model's repeated decoder blocks (``with_linears=False``:
+    also once their linears are factorized)."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+        if with_linears and not any(isinstance(m, nn.Linear) for m in module[0].modules()):
             continue
         if best is None or len(module) > len(best[1]):
             best = (name, module)

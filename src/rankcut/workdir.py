@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoint import ResidentWeights
 from .decomposition import Spectrum
 from .errors import ConfigError, RankcutError
 from .plan import RankPlan
@@ -59,25 +60,25 @@ def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
     digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def run_record(settings: Mapping[str, Any], model: nn.Module, targets: Sequence[TargetModule],
-               calibration: torch.Tensor | None) -> dict[str, Any]:
+def run_record(settings: Mapping[str, Any], model: nn.Module, weights: ResidentWeights,
+               targets: Sequence[TargetModule], calibration: torch.Tensor | None) -> dict[str, Any]:
     """What makes two runs the same: settings, model (config + a few target weights), calibration ids."""
     config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
-    weights = hashlib.sha256()
+    digest = hashlib.sha256()
     for target in {t.name: t for t in (targets[0], targets[len(targets) // 2], targets[-1])}.values():
-        weights.update(target.name.encode())
-        _hash_tensor(weights, model.get_submodule(target.name).weight)
+        digest.update(target.name.encode())
+        _hash_tensor(digest, weights.tensor(f"{target.name}.weight"))
     ids = None
     if calibration is not None:
-        digest = hashlib.sha256()
-        _hash_tensor(digest, calibration)
-        ids = digest.hexdigest()
+        ids_digest = hashlib.sha256()
+        _hash_tensor(ids_digest, calibration)
+        ids = ids_digest.hexdigest()
     record = {
         "format": WORKDIR_FORMAT,
         "settings": dict(settings),
         "model": {"class": type(model).__name__,
                   "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
-                  "weights_sha256": weights.hexdigest()},
+                  "weights_sha256": digest.hexdigest()},
         "calibration_sha256": ids,
     }
     return json.loads(json.dumps(record, default=str))  # the form it takes in run.json (lists, not tuples)
@@ -168,6 +169,32 @@ class BlockCheckpoints:
         _write_checkpoint(self.folder / ACTIVATIONS,
                           lambda path: save_file(tensors, path, {"next_block": str(next_block)}))
 
+    def block_done(self, index: int) -> bool:
+        return self._block_file(index).is_file()
+
+    def spectra(self, index: int) -> dict[str, Spectrum]:
+        """The spectra saved for block ``index``, read into memory."""
+        path = self._block_file(index)
+        try:
+            with safe_open(path, "pt") as handle:
+                return {name: Spectrum(*(handle.get_tensor(f"{name}/{part}").clone() for part in ("u", "sigma", "b_full")))
+                        for name in json.loads(handle.metadata()["modules"])}
+        except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
+            raise _unreadable(path, error) from error
+
+    def stored(self, index: int) -> tuple[dict[str, "StoredSpectrum"], dict[str, dict[str, Any]]]:
+        """Block ``index``'s spectra with only ``sigma`` in memory (``u`` and ``b_full`` are read from the
+        file when used), and its whitening diagnostics."""
+        path = self._block_file(index)
+        try:
+            with safe_open(path, "pt") as handle:
+                metadata = handle.metadata()
+                names = json.loads(metadata["modules"])
+                spectra = {name: StoredSpectrum(path, name, handle.get_tensor(f"{name}/sigma").clone()) for name in names}
+                return spectra, json.loads(metadata["diagnostics"])
+        except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
+            raise _unreadable(path, error) from error
+
     def resume(self, device: torch.device) -> Resumed:
         """The saved state, or a fresh start. Tensors are copied into torch's own (aligned) memory so
         kernels take the same paths, and give the same bits, as in an uninterrupted run."""
@@ -184,17 +211,34 @@ class BlockCheckpoints:
         except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
             raise _unreadable(activations, error) from error
         for index in range(state.next_block):
-            path = self._block_file(index)
-            try:
-                with safe_open(path, "pt") as handle:
-                    metadata = handle.metadata()
-                    state.diagnostics.update(json.loads(metadata["diagnostics"]))
-                    for name in json.loads(metadata["modules"]):
-                        parts = (handle.get_tensor(f"{name}/{part}").clone() for part in ("u", "sigma", "b_full"))
-                        state.spectra[name] = Spectrum(*parts)
-            except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
-                raise _unreadable(path, error) from error
+            spectra, diagnostics = self.stored(index)
+            state.spectra.update(spectra)
+            state.diagnostics.update(diagnostics)
         return state
+
+
+class StoredSpectrum(Spectrum):
+    """A spectrum in a block checkpoint: ``sigma`` held, ``u`` and ``b_full`` read from the file at each
+    use, so allocators that read only singular values, and factorization one block at a time, never
+    hold every module's factors at once."""
+
+    def __init__(self, path: Path, name: str, sigma: torch.Tensor) -> None:  # noqa: D107 (no dataclass init)
+        self.path, self.name, self.sigma = path, name, sigma
+
+    def _read(self, part: str) -> torch.Tensor:
+        try:
+            with safe_open(self.path, "pt") as handle:
+                return handle.get_tensor(f"{self.name}/{part}").clone()
+        except (OSError, SafetensorError) as error:
+            raise _unreadable(self.path, error) from error
+
+    @property
+    def u(self) -> torch.Tensor:  # type: ignore[override]
+        return self._read("u")
+
+    @property
+    def b_full(self) -> torch.Tensor:  # type: ignore[override]
+        return self._read("b_full")
 
 
 class WorkDir:
