@@ -67,12 +67,12 @@ def test_a_missing_path_fails_without_asking_the_hub(monkeypatch, spec):
 def test_loading_library_errors_become_one_line_with_the_fix(monkeypatch, tiny_folder):
     """A missing package (transformers' own ImportError/ValueError text names the pip command) is a
     one-line error with exit status 2, not a traceback."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     def missing_package(*args, **kwargs):
         raise ValueError("accelerate is required when loading a GGUF file `pip install accelerate`.\nmore detail")
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", missing_package)
+    monkeypatch.setattr(AutoConfig, "from_pretrained", missing_package)
     result = run_cli("info", "--model", str(tiny_folder))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -86,7 +86,7 @@ def test_a_bug_in_rankcut_keeps_its_traceback(monkeypatch, tiny_folder):
     def bug(*args, **kwargs):
         raise KeyError("a rankcut bug")
 
-    monkeypatch.setattr(rankcut.models, "resolve_dtype", bug)
+    monkeypatch.setattr(rankcut.models, "resolve_model_path", bug)
     with pytest.raises(KeyError, match="a rankcut bug"):
         run_cli("info", "--model", str(tiny_folder))
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, loading_errors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -38,9 +38,9 @@ class CheckpointSource:
     """A model folder's config and the location and shape of every stored tensor."""
 
     def __init__(self, folder: Path, config, tensors: dict[str, StoredTensor], dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, trust_remote_code: bool = False) -> None:
         self.folder, self.config, self.tensors = folder, config, tensors
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.trust_remote_code = dtype, device, trust_remote_code
 
     @classmethod
     def open(cls, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
@@ -50,12 +50,17 @@ class CheckpointSource:
         from transformers import AutoConfig
 
         folder = Path(folder)
-        try:
+        with loading_errors(str(folder)):
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"{folder / 'config.json'}: {' '.join(str(error).split())[:300]}") from error
-        source = cls(folder, config, _stored_tensors(folder), dtype, torch.device(device))
-        source._check_against(source.skeleton())
+        quantization = getattr(config, "quantization_config", None)
+        if quantization is not None:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+            raise CheckpointError(f"{folder} holds an already quantized or compressed model (quant_method={method!r}); "
+                                  "compress its dense checkpoint")
+        source = cls(folder, config, _stored_tensors(folder), dtype, torch.device(device), trust_remote_code)
+        with loading_errors(str(folder)):
+            skeleton = source.skeleton()
+        source._check_against(skeleton)
         return source
 
     def skeleton(self) -> nn.Module:
@@ -64,7 +69,8 @@ class CheckpointSource:
         from transformers import AutoModelForCausalLM
 
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+            model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype,
+                                                     trust_remote_code=self.trust_remote_code)
         return model.to(self.device).eval() if self.device.type != "cpu" else model.eval()
 
     def _check_against(self, model: nn.Module) -> None:

@@ -59,11 +59,13 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @app.command()
 @_friendly_errors
 def info(model: ModelOption = "smollm2-135m") -> None:
-    """Architecture, target linear modules with shapes, parameter counts."""
-    from .models import load_model
+    """Architecture, target linear modules with shapes, parameter counts (from the config and the
+    checkpoint's headers: no weight is read)."""
+    from .checkpoint import CheckpointSource
+    from .models import checkpoint_folder
     from .targets import find_decoder_blocks, find_targets
 
-    loaded, _ = load_model(model, device="cpu")
+    loaded = CheckpointSource.open(checkpoint_folder(model)).skeleton()
     prefix, blocks = find_decoder_blocks(loaded)
     targets = find_targets(loaded)
     total = sum(p.numel() for p in loaded.parameters())
@@ -119,14 +121,14 @@ def _base_model_of(model) -> str | None:
     return config.settings.get("base_model") if isinstance(config, RankcutConfig) else None
 
 
-def _load_any(spec: str, dtype: str, device: str, *, trust_remote_code: bool = False):
+def _load_any(spec: str, dtype: str, device: str):
     """An artifact (never with remote code) or any model ``load_model`` takes."""
     from .artifacts import MANIFEST, load
     from .models import load_model
 
     if (Path(spec) / MANIFEST).is_file():
         return load(spec, dtype=dtype, device=device)
-    return load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return load_model(spec, dtype=dtype, device=device)
 
 
 @app.command()
@@ -162,13 +164,16 @@ def compress(
 ) -> None:
     """Compress a model and write an artifact that loads again (``rankcut.load`` or ``from_pretrained``).
 
-    Interrupted runs resume: rerun the same command and it continues from the checkpoints in the work folder.
+    The model streams from its checkpoint one decoder block at a time, and the artifact is written block
+    by block. Interrupted runs resume: rerun the same command and it continues from the checkpoints in
+    the work folder.
     """
     import shutil
 
-    from .api import save
+    from ._settings import resolve_dtype
     from .artifacts import check_output_folder
-    from .compress import CalibrationConfig, CompressionConfig, compress as run
+    from .compress import CalibrationConfig, CompressionConfig, compress_checkpoint
+    from .models import available_device, checkpoint_folder
 
     check_output_folder(out_dir, overwrite)  # before any expensive work
     work = work_dir if work_dir is not None else out_dir.resolve().with_name(f"{out_dir.resolve().name}.work")
@@ -181,16 +186,18 @@ def compress(
         calibration=CalibrationConfig(calib, calib_split, nsamples, seqlen, seed, batch_size,
                                       str(data_dir) if data_dir else None),
     )
-    loaded, tokenizer = _load_any(model, dtype, device, trust_remote_code=trust_remote_code)
+    target, torch_dtype = available_device(device), resolve_dtype(dtype)
+    folder = checkpoint_folder(model)
     if (work / "run.json").is_file():
         console.print(f"resuming from the checkpoints in {work}", soft_wrap=True)
     try:
-        compressed, report = run(loaded, config, tokenizer=tokenizer, output_dir=out_dir.parent, work_dir=work,
-                                     spectra_cache=spectra_cache)
+        report = compress_checkpoint(folder, config, out_dir, base_model=model, dtype=torch_dtype, device=target,
+                                     overwrite=overwrite, work_dir=work, spectra_cache=spectra_cache,
+                                     trust_remote_code=trust_remote_code)
     except KeyboardInterrupt:
         console.print(f"interrupted; rerun the same command to resume from the checkpoints in {work}", soft_wrap=True)
         raise typer.Exit(130) from None
-    path = save(compressed, tokenizer, out_dir, report, base_model=model, overwrite=overwrite)
+    path = out_dir
     if keep_work:
         console.print(f"work folder kept: {work}", soft_wrap=True)
     else:

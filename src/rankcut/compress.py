@@ -40,6 +40,7 @@ from .evaluation.perplexity import model_context_length
 from .evaluation.speed import weight_bytes
 from .layers import LowRankLinear, PivGaLinear
 from .memory import peak_rss
+from .models import load_tokenizer
 from .plan import DENSE, FACTOR_FORMATS, Budget, RankPlan
 from .progress import progress_bar
 from .registry import PluginConfig
@@ -296,6 +297,7 @@ def compress_checkpoint(
     show_progress: bool = True,
     work_dir: str | Path | None = None,
     spectra_cache: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> CompressionReport:
     """Compress the safetensors checkpoint in ``folder`` into an artifact at ``out_dir``, streaming.
 
@@ -307,12 +309,12 @@ def compress_checkpoint(
     the same bit for bit on the same device.
     """
     config = _as_config(config)
-    source = CheckpointSource.open(folder, dtype=dtype, device=device)
+    source = CheckpointSource.open(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     model = source.skeleton()
-    if tokenizer is None and any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder) if tokenizer is None else tokenizer
+    if tokenizer is None and calibration is None and _needs_calibration(config):
+        raise ConfigError(f"{folder} holds no tokenizer (tokenizer.json or tokenizer_config.json), which sampling "
+                          "calibration text needs")
     with ArtifactWriter(out_dir, len(find_decoder_blocks(model)[1]) + 1, overwrite=overwrite) as writer:
         report = _measured(config, lambda: _conduct(
             model, source.stream(model), config, tokenizer=tokenizer, calibration=calibration,
@@ -366,7 +368,7 @@ def _conduct(
     allocator = create_allocator(config.allocator, config.allocator_options)
     decomposer = _Decomposer(model, config.whitening, config.whitening_options)
     dense_params, dense_bytes = sum(p.numel() for p in model.parameters()), weight_bytes(model)
-    needs_data = config.whitening != "none" or allocator.needs_model
+    needs_data = _needs_calibration(config)
     device = _compute_device(model, weights)
 
     if needs_data:
@@ -429,6 +431,11 @@ def _conduct(
 
     measured = _measure(model, targets, budget, plan, dense_params, dense_bytes)
     return plan, timings, measured, decomposer.diagnostics
+
+
+def _needs_calibration(config: CompressionConfig) -> bool:
+    """Whitening and the allocators that run the model need calibration text."""
+    return config.whitening != "none" or create_allocator(config.allocator, config.allocator_options).needs_model
 
 
 def _compute_device(model: nn.Module, weights: ResidentWeights) -> torch.device:

