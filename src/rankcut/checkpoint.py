@@ -71,6 +71,7 @@ class CheckpointSource:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype,
                                                      trust_remote_code=self.trust_remote_code)
+        model.tie_weights()  # a tied head is one parameter, stored once (under the embedding's name)
         return model.to(self.device).eval() if self.device.type != "cpu" else model.eval()
 
     def _check_against(self, model: nn.Module) -> None:
@@ -96,8 +97,10 @@ class CheckpointSource:
                 with safe_open(path, framework="pt", device="cpu") as handle:
                     for name in group:
                         tensor = handle.get_tensor(name)
-                        dtype = self.dtype if tensor.is_floating_point() else None
-                        set_module_tensor_to_device(model, name, self.device, value=tensor, dtype=dtype)
+                        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+                        # a copy in torch's own memory: the file's mapping must not outlive this block
+                        value = tensor.to(device=self.device, dtype=dtype, copy=True)
+                        set_module_tensor_to_device(model, name, self.device, value=value)
             except (OSError, SafetensorError) as error:
                 raise CheckpointError(f"{path}: could not read its tensors ({error})") from error
 
@@ -151,9 +154,9 @@ class StreamedWeights(ResidentWeights):
 
 
 def tensor_names(model: nn.Module, prefix: str) -> list[str]:
-    """Full names of the tensors a checkpoint holds for ``model``'s submodule ``prefix`` (``""``: all)."""
-    module = model.get_submodule(prefix) if prefix else model
-    return [f"{prefix}.{name}" if prefix else name for name in stored_names(module)]
+    """Full names of the tensors a checkpoint of ``model`` holds for its submodule ``prefix`` (``""``: all);
+    a tied parameter only under its first name (a tied head: none)."""
+    return [name for name in stored_names(model) if not prefix or name == prefix or name.startswith(f"{prefix}.")]
 
 
 def outer_modules(model: nn.Module, blocks_prefix: str) -> list[str]:

@@ -1,0 +1,207 @@
+"""The streamed pipeline (compress_checkpoint): the same plans and bit-identical factors as compressing
+the model in memory, one block's weights resident at a time, no file left mapped, clear errors for
+broken checkpoints, and a resume after SIGKILL that gives the same artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import rankcut
+from conftest import ARCHS, calibration_ids, tiny_model
+from rankcut import CompressionConfig, compress
+from rankcut.checkpoint import CheckpointSource, StreamedWeights
+from rankcut.compress import compress_checkpoint
+from rankcut.errors import CheckpointError
+from test_cli import run_cli
+
+
+def artifact_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {name: tensor for shard in sorted(folder.glob("model-*.safetensors")) for name, tensor in load_file(shard).items()}
+
+
+def saved(model: torch.nn.Module, folder: Path, **kwargs) -> Path:
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def compress_both(tmp_path: Path, model: torch.nn.Module, config: CompressionConfig, ids: torch.Tensor):
+    """The in-memory result (saved) and the streamed one, from the same weights."""
+    folder = saved(model, tmp_path / "dense")
+    fresh = CheckpointSource.open(folder).skeleton()
+    CheckpointSource.open(folder).stream(fresh).onload([""])
+    in_memory, report = compress(fresh, config, calibration=ids, show_progress=False)
+    rankcut.save(in_memory, None, tmp_path / "in-memory", report)
+    streamed = compress_checkpoint(folder, config, tmp_path / "streamed", calibration=ids, show_progress=False,
+                                   work_dir=tmp_path / "work")
+    return report, streamed
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("allocator", ["uniform", "energy", "zerosum"])
+def test_streamed_equals_in_memory(tmp_path, arch, allocator):
+    ids = calibration_ids(8, 24)
+    config = CompressionConfig(keep_ratio=0.6, allocator=allocator)
+    report, streamed = compress_both(tmp_path, tiny_model(arch), config, ids)
+    assert streamed.plan.ranks == report.plan.ranks
+    assert streamed.measured == report.measured
+    expected, got = artifact_tensors(tmp_path / "in-memory"), artifact_tensors(tmp_path / "streamed")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    model, _ = rankcut.load(tmp_path / "streamed", device="cpu")
+    reference, _ = rankcut.load(tmp_path / "in-memory", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(model(ids[:2]).logits, reference(ids[:2]).logits)
+
+
+@pytest.mark.parametrize("allocator, options", [("strs", {"windows": 2}), ("ara", {"steps": 2}),
+                                                ("fermigrad", {"steps": 2}), ("dobi", {"steps": 2})])
+def test_allocators_that_run_the_whole_model_still_run_streamed(tmp_path, allocator, options, monkeypatch):
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
+    config = CompressionConfig(keep_ratio=0.6, allocator=allocator, allocator_options=options)
+    report, streamed = compress_both(tmp_path, tiny_model(), config, calibration_ids(8, 24))
+    assert streamed.plan.ranks == report.plan.ranks
+    assert streamed.measured["target_params"] <= streamed.measured["budget"]
+
+
+def test_sequential_streamed_equals_in_memory(tmp_path):
+    config = CompressionConfig(keep_ratio=0.6, allocator="energy", sequential=True)
+    report, streamed = compress_both(tmp_path, tiny_model(), config, calibration_ids(8, 24))
+    expected, got = artifact_tensors(tmp_path / "in-memory"), artifact_tensors(tmp_path / "streamed")
+    assert streamed.plan.ranks == report.plan.ranks
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def mapped_files() -> set[str]:
+    return {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if len(line.split()) >= 6}
+
+
+def test_one_block_resident_and_no_file_left_mapped(tmp_path, monkeypatch):
+    """A deep tiny model, sharded on disk: at every offload no checkpoint file is mapped and the
+    materialized parameters are those of one block at most (plus what lies outside the blocks)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 12
+    torch.manual_seed(0)
+    folder = saved(AutoModelForCausalLM.from_config(config), tmp_path / "deep", max_shard_size="100KB")
+    shards = {str(path) for path in folder.glob("*.safetensors")}
+    assert len(shards) > 3
+    resident: list[int] = []
+    offload = StreamedWeights.offload
+
+    def checked_offload(self, prefixes):
+        materialized = sum(p.numel() for p in self.model.parameters() if p.device.type != "meta")
+        resident.append(materialized)
+        assert not shards & mapped_files()
+        offload(self, prefixes)
+
+    monkeypatch.setattr(StreamedWeights, "offload", checked_offload)
+    compress_checkpoint(folder, CompressionConfig(keep_ratio=0.6, allocator="energy"), tmp_path / "out",
+                        calibration=calibration_ids(4, 16), show_progress=False, work_dir=tmp_path / "work")
+    block = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).model.layers[0].parameters())
+    assert len(resident) >= 2 * 12  # calibration and factorization, block by block
+    assert max(resident) <= block + config.vocab_size * config.hidden_size * 2  # one block + embeddings/head
+    assert not shards & mapped_files()
+
+
+@pytest.fixture()
+def dense_folder(tmp_path, word_tokenizer) -> Path:
+    folder = tmp_path / "dense"
+    tiny_model().save_pretrained(folder, max_shard_size="200KB")
+    word_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def index_of(folder: Path) -> dict:
+    return json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def break_checkpoint(folder: Path, breakage: str) -> str:
+    """Damage the sharded checkpoint; return the file the error must name."""
+    weight_map = index_of(folder)["weight_map"]
+    shard = folder / weight_map["model.layers.1.mlp.up_proj.weight"]
+    if breakage == "missing-shard":
+        shard.unlink()
+    elif breakage == "truncated-shard":
+        shard.write_bytes(shard.read_bytes()[:-1000])
+    elif breakage == "index-mismatch":
+        tensors = load_file(shard)
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+        save_file(tensors, shard, metadata={"format": "pt"})
+    else:  # shape
+        tensors = load_file(shard)
+        tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:-1]
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return shard.name
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing-shard", "missing shard"),
+    ("truncated-shard", "not a whole safetensors file"),
+    ("index-mismatch", "does not hold model.layers.1.mlp.up_proj.weight"),
+    ("shape", "model.layers.1.mlp.up_proj.weight has shape [95, 64], the config implies [96, 64]"),
+])
+def test_broken_checkpoints_are_one_line_errors_naming_the_file(dense_folder, tmp_path, data_dir, breakage, message):
+    culprit = break_checkpoint(dense_folder, breakage)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        CheckpointSource.open(dense_folder)
+    result = run_cli("compress", "--model", str(dense_folder), "--out", str(tmp_path / "o"), "--calib", "wikitext2",
+                     "--nsamples", "4", "--seqlen", "32", "--data-dir", str(data_dir))
+    assert result.returncode == 2 and message in result.stderr and culprit in result.stderr
+    assert len(result.stderr[result.stderr.index("error:"):].strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_compressed_artifact_is_not_compressed_again(tmp_path):
+    compress_both(tmp_path, tiny_model(), CompressionConfig(keep_ratio=0.6, allocator="uniform"), calibration_ids(4, 16))
+    with pytest.raises(CheckpointError, match="already quantized or compressed .*'rankcut'"):
+        CheckpointSource.open(tmp_path / "streamed")
+
+
+def compress_command(folder: Path, out: Path, data_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "rankcut.cli", "compress", "--model", str(folder), "--out", str(out),
+            "--allocator", "energy", "--keep", "0.6", "--calib", "wikitext2", "--nsamples", "64", "--seqlen", "64",
+            "--batch-size", "2", "--data-dir", str(data_dir)]
+
+
+def test_a_streamed_run_killed_mid_way_resumes_to_an_identical_artifact(tmp_path, data_dir, word_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 8
+    torch.manual_seed(0)
+    folder = saved(AutoModelForCausalLM.from_config(config), tmp_path / "dense", max_shard_size="200KB")
+    word_tokenizer.save_pretrained(folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(compress_command(folder, tmp_path / "reference", data_dir), check=True, env=env,
+                   capture_output=True, timeout=600)
+    process = subprocess.Popen(compress_command(folder, tmp_path / "resumed", data_dir), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = tmp_path / "resumed.work" / "spectra" / "block-0002.safetensors"
+    deadline = time.monotonic() + 300
+    while not progress.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert progress.exists() and not (tmp_path / "resumed").exists()  # killed mid-way, nothing published
+    rerun = subprocess.run(compress_command(folder, tmp_path / "resumed", data_dir), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from the checkpoints" in rerun.stderr
+    expected, got = artifact_tensors(tmp_path / "reference"), artifact_tensors(tmp_path / "resumed")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[name], got[name]) for name in expected)
