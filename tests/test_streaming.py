@@ -205,3 +205,52 @@ def test_a_streamed_run_killed_mid_way_resumes_to_an_identical_artifact(tmp_path
     assert "resuming from the checkpoints" in rerun.stderr
     expected, got = artifact_tensors(tmp_path / "reference"), artifact_tensors(tmp_path / "resumed")
     assert expected.keys() == got.keys() and all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+@pytest.mark.parametrize("text, size", [("12GiB", 12 * 2**30), ("500MB", 500 * 10**6), ("1.5 TB", 1.5e12),
+                                        ("64G", 64 * 10**9), ("4096", 4096), ("0.5GiB", 2**29)])
+def test_memory_sizes_parse(text, size):
+    from rankcut.estimate import parse_memory
+
+    assert parse_memory(text) == int(size)
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "12 parsecs", "", "0GB", "1.2.3G"])
+def test_nonsense_memory_sizes_are_rejected(text):
+    from rankcut.errors import ConfigError
+    from rankcut.estimate import parse_memory
+
+    with pytest.raises(ConfigError, match="is not a positive amount"):
+        parse_memory(text)
+
+
+def test_the_estimate_grows_with_what_the_run_holds():
+    from conftest import tiny_config
+    from rankcut import CalibrationConfig
+    from rankcut.estimate import estimate_compression
+
+    config = tiny_config("llama")
+
+    def host(allocator="uniform", nsamples=64, **options):
+        run = CompressionConfig(keep_ratio=0.6, allocator=allocator, allocator_options=options,
+                                calibration=CalibrationConfig("wikitext2", "validation", nsamples, 128))
+        return estimate_compression(config, run)
+
+    assert host(nsamples=256).host_bytes > host(nsamples=64).host_bytes
+    assert host("zerosum").host_bytes > host("uniform").host_bytes == host("energy").host_bytes
+    assert host("zerosum", gradient_checkpointing=True).stages["allocate"] < host("zerosum").stages["allocate"]
+    assert host().peak_stage == "calibrate" and host().disk_bytes > 0
+
+
+def test_a_run_predicted_over_the_memory_limit_is_refused_before_any_work(dense_folder, tmp_path, data_dir):
+    result = run_cli("compress", "--model", str(dense_folder), "--out", str(tmp_path / "o"), "--calib", "wikitext2",
+                     "--data-dir", str(data_dir), "--max-memory", "100MB")
+    assert result.returncode == 2
+    assert "predicted to peak at" in result.stderr and "over the limit of 0.1 GiB" in result.stderr
+    assert "--nsamples" in result.stderr  # what to change: calibration dominates here
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
+    dry = run_cli("compress", "--model", str(dense_folder), "--out", str(tmp_path / "o"), "--dry-run")
+    assert dry.returncode == 0 and "peak host memory" in dry.stdout and "calibration activations" in dry.stdout
+    assert not (tmp_path / "o").exists()
+    nonsense = run_cli("compress", "--model", str(dense_folder), "--out", str(tmp_path / "o"), "--max-memory", "lots")
+    assert nonsense.returncode == 2 and "is not a positive amount" in nonsense.stderr

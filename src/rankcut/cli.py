@@ -161,6 +161,10 @@ def compress(
         help="folder of reusable spectra: later runs on the same model, calibration and whitening skip calibration")] = None,
     trust_remote_code: Annotated[bool, typer.Option(
         help="run code shipped with the model folder or hub repo (off: only transformers' own classes)")] = False,
+    max_memory: Annotated[Optional[str], typer.Option(
+        help="host memory the run may use, e.g. 12GiB or 500MB (default: what is available now)")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="print the predicted peak memory and disk of the run, then stop")] = False,
 ) -> None:
     """Compress a model and write an artifact that loads again (``rankcut.load`` or ``from_pretrained``).
 
@@ -172,10 +176,13 @@ def compress(
 
     from ._settings import resolve_dtype
     from .artifacts import check_output_folder
+    from .checkpoint import CheckpointSource
     from .compress import CalibrationConfig, CompressionConfig, compress_checkpoint
+    from .estimate import estimate_compression, parse_memory
     from .models import available_device, checkpoint_folder
 
-    check_output_folder(out_dir, overwrite)  # before any expensive work
+    if not dry_run:
+        check_output_folder(out_dir, overwrite)  # before any expensive work
     work = work_dir if work_dir is not None else out_dir.resolve().with_name(f"{out_dir.resolve().name}.work")
     if work.resolve() == out_dir.resolve():
         raise RankcutError("--work-dir must differ from --out")
@@ -187,13 +194,18 @@ def compress(
                                       str(data_dir) if data_dir else None),
     )
     target, torch_dtype = available_device(device), resolve_dtype(dtype)
+    limit = parse_memory(max_memory) if max_memory is not None else None
     folder = checkpoint_folder(model)
+    if dry_run:
+        estimate = estimate_compression(CheckpointSource.open(folder).config, config, dtype=torch_dtype, device=target)
+        out.print(_table(f"predicted for rankcut compress {model} ({config.allocator}, {target})", estimate.rows()))
+        return
     if (work / "run.json").is_file():
         console.print(f"resuming from the checkpoints in {work}", soft_wrap=True)
     try:
         report = compress_checkpoint(folder, config, out_dir, base_model=model, dtype=torch_dtype, device=target,
                                      overwrite=overwrite, work_dir=work, spectra_cache=spectra_cache,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, max_memory=limit)
     except KeyboardInterrupt:
         console.print(f"interrupted; rerun the same command to resume from the checkpoints in {work}", soft_wrap=True)
         raise typer.Exit(130) from None

@@ -36,6 +36,7 @@ from .checkpoint import CheckpointSource, ResidentWeights, outer_modules, tensor
 from .data import load_text, sample_calibration
 from .decomposition import Spectrum, whitened_svd
 from .errors import ConfigError, FactorizationError
+from .estimate import GiB, MemoryEstimate, available_memory, estimate_compression
 from .evaluation.perplexity import model_context_length
 from .evaluation.speed import weight_bytes
 from .layers import LowRankLinear, PivGaLinear
@@ -298,6 +299,7 @@ def compress_checkpoint(
     work_dir: str | Path | None = None,
     spectra_cache: str | Path | None = None,
     trust_remote_code: bool = False,
+    max_memory: int | None = None,
 ) -> CompressionReport:
     """Compress the safetensors checkpoint in ``folder`` into an artifact at ``out_dir``, streaming.
 
@@ -307,9 +309,14 @@ def compress_checkpoint(
     calibration activations) whatever the depth. Allocators that run the whole model (``needs_model``)
     load it for the allocation only. The same stages as :func:`compress` run, so plans and factors are
     the same bit for bit on the same device.
+
+    Before any work, the run's peak host memory is predicted from the config
+    (:func:`rankcut.estimate.estimate_compression`); a prediction over ``max_memory`` bytes (default:
+    the memory available now) is refused with :class:`ConfigError`.
     """
     config = _as_config(config)
     source = CheckpointSource.open(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    _check_memory(estimate_compression(source.config, config, dtype=dtype, device=source.device), max_memory)
     model = source.skeleton()
     tokenizer = load_tokenizer(folder) if tokenizer is None else tokenizer
     if tokenizer is None and calibration is None and _needs_calibration(config):
@@ -324,6 +331,20 @@ def compress_checkpoint(
                       diagnostics=report.diagnostics, measured=report.measured,
                       extra_files=report.files(base_model))
     return report
+
+
+def _check_memory(estimate: MemoryEstimate, limit: int | None) -> None:
+    """Refuse a run predicted to need more host memory than ``limit`` (default: available now)."""
+    limit = available_memory() if limit is None else limit
+    if estimate.host_bytes <= limit:
+        return
+    advice = {"calibrate": "fewer calibration tokens (--nsamples, --seqlen) or a smaller --batch-size",
+              "allocate": "an allocator that does not run the whole model (uniform, energy) or its "
+                          "gradient_checkpointing / batch options (-a KEY=VALUE)",
+              "factorize": "a machine with more memory"}[estimate.peak_stage]
+    raise ConfigError(f"this run is predicted to peak at {estimate.host_bytes / GiB:.1f} GiB of host memory (stage "
+                      f"{estimate.peak_stage}), over the limit of {limit / GiB:.1f} GiB (--max-memory, default: "
+                      f"the memory available now); try {advice}, or see `rankcut compress --dry-run`")
 
 
 def _as_config(config: CompressionConfig | Mapping[str, Any] | None) -> CompressionConfig:

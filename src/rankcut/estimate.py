@@ -1,0 +1,187 @@
+"""Predict a compression run's peak memory and disk from the model's config alone, before any work.
+
+The model is built on the meta device (no weight is read), so every shape is the real one. The terms
+follow the streamed pipeline (``compress_checkpoint``) stage by stage; the peak is the runtime plus the
+largest stage:
+
+- **calibrate**: one decoder block's weights, the calibration activations entering and leaving it
+  (``2 x nsamples x seqlen x hidden``, compute dtype), one batch's intermediate tensors inside the
+  block, the block's input Grams (float64 totals, float32 batch sums), and the float64 workspace of the
+  largest whitened SVD;
+- **allocate**: nothing for the spectral allocators (singular values only); allocators that run the
+  model (``needs_model``) load it whole and add the gated factors and one backward pass's activations
+  (per-block saved tensors and the vocabulary-wide logits) of their batch;
+- **factorize and write**: one block's weights and float64 factors, or the embeddings and head when the
+  last shard is written.
+
+On CUDA the blocks, activations and allocator work are on the device; Grams and decompositions stay on
+the host. Disk: the spectra (``U`` and ``Bfull`` in float32), one block's activations and the artifact.
+The per-token activation factors were measured on the synthetic LLaMA checkpoints of
+``benchmarks/scale.py``; ``benchmarks/RESULTS-scale.md`` compares predictions with measured peaks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .allocation import create_allocator
+from .errors import ConfigError
+
+GiB = 2**30
+RUNTIME_BYTES = int(0.45 * GiB)  # Python, torch, transformers, tokenizers, rankcut: measured RSS after import
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """``"12GiB"``, ``"500MB"``, ``"1.5 TB"``, ``"4096"`` (bytes) -> bytes. Decimal units are powers of
+    1000, ``KiB``/``MiB``/``GiB``/``TiB`` powers of 1024."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"memory size {text!r} is not a positive amount such as 12GiB, 500MB or 64G")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def available_memory() -> int:
+    """Memory the kernel can give a new process now (``MemAvailable``), else psutil's figure."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+@dataclass
+class MemoryEstimate:
+    host_bytes: int
+    device_bytes: int  # 0 on CPU
+    disk_bytes: int
+    stages: dict[str, int] = field(default_factory=dict)  # each stage's memory beside the runtime
+    terms: dict[str, int] = field(default_factory=dict)  # what the largest stage is made of
+
+    @property
+    def peak_stage(self) -> str:
+        return max(self.stages, key=self.stages.get)
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [("peak host memory", f"{self.host_bytes / GiB:.2f} GiB")]
+        if self.device_bytes:
+            rows.append(("peak device memory", f"{self.device_bytes / GiB:.2f} GiB"))
+        rows.append(("disk (work folder + artifact)", f"{self.disk_bytes / GiB:.2f} GiB"))
+        rows += [(f"stage: {stage}", f"{size / GiB:.2f} GiB") for stage, size in self.stages.items()]
+        rows += [(f"  {term}", f"{size / GiB:.2f} GiB") for term, size in self.terms.items()]
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host_bytes": self.host_bytes, "device_bytes": self.device_bytes, "disk_bytes": self.disk_bytes,
+                "stages": self.stages, "terms": self.terms}
+
+
+def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str = "cpu") -> MemoryEstimate:
+    """Predicted peak host and device memory and disk of ``compress_checkpoint`` for ``config`` (a
+    :class:`CompressionConfig`) on a model of ``model_config`` (a transformers config)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import outer_modules, stored_names
+    from .targets import find_decoder_blocks, find_targets
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    model.tie_weights()
+    prefix, blocks = find_decoder_blocks(model)
+    targets = find_targets(model, config.exclude)
+    size = torch.finfo(dtype).bits // 8
+    shapes = {name: tuple(shape) for name, shape in stored_names(model).items()}
+    numel = {name: _product(shape) for name, shape in shapes.items()}
+    total = sum(numel.values())
+    block = max(sum(n for name, n in numel.items() if name.startswith(f"{prefix}.{i}.")) for i in range(len(blocks)))
+    outer = sum(numel[name] for module in outer_modules(model, prefix) for name in numel
+                if name == module or name.startswith(f"{module}."))
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden, vocab = text.hidden_size, text.vocab_size
+    intermediate = getattr(text, "intermediate_size", 4 * hidden)
+    heads = getattr(text, "num_attention_heads", 1)
+    calibration = config.calibration
+    tokens = calibration.nsamples * calibration.seqlen
+    batch_tokens = min(calibration.batch_size, calibration.nsamples) * calibration.seqlen
+
+    # Grams of one block: float64 totals and a float32 batch sum per input. Which modules share an input
+    # shows only in a forward pass, so every target counts as its own (an upper bound: q/k/v and gate/up
+    # share theirs).
+    grams = sum(12 * t.in_features ** 2 for t in targets if t.block == targets[0].block)
+    largest = max(targets, key=lambda t: t.out_features * t.in_features)
+    m, n = largest.shape
+    r = min(m, n)
+    svd = 8 * (2 * m * n + m * r + 2 * r * n + 2 * n * n)
+    block_spectra = 4 * sum(t.out_features * min(t.shape) + min(t.shape) * t.in_features
+                            for t in targets if t.block == 0)
+    spectra_disk = 4 * sum(t.out_features * min(t.shape) + min(t.shape) * t.in_features for t in targets)
+    activations = 2 * tokens * hidden * size
+    workspace = batch_tokens * (3 * intermediate + 6 * hidden) * size + batch_tokens * heads * calibration.seqlen * 4
+
+    on_device = torch.device(device).type != "cpu"
+    calibrate = {"block weights": block * size, "calibration activations": activations,
+                 "block forward workspace": workspace, "Grams": grams, "largest SVD (float64)": svd,
+                 "block spectra": block_spectra}
+    factorize = {"block weights": block * size, "block factors (float64)": 2 * block * 8,
+                 "embeddings and head": outer * size}
+    allocate = _allocator_terms(config, targets, total, size, hidden, intermediate, vocab, heads, len(blocks))
+    stages = {"calibrate": calibrate, "allocate": allocate, "factorize": factorize}
+    host_only = {"Grams", "largest SVD (float64)", "block spectra", "block factors (float64)"}
+    host_stages = {name: sum(v for k, v in terms.items() if not on_device or k in host_only)
+                   for name, terms in stages.items()}
+    device_stages = {name: sum(v for k, v in terms.items() if k not in host_only) if on_device else 0
+                     for name, terms in stages.items()}
+    peak = max(host_stages, key=host_stages.get) if not on_device else max(device_stages, key=device_stages.get)
+    artifact = int(config.keep_ratio * sum(t.out_features * t.in_features for t in targets) + total
+                   - sum(t.out_features * t.in_features for t in targets)) * size
+    return MemoryEstimate(
+        host_bytes=RUNTIME_BYTES + max(host_stages.values()),
+        device_bytes=max(device_stages.values()),
+        disk_bytes=spectra_disk + tokens * hidden * size + artifact,
+        stages=host_stages if not on_device else device_stages,
+        terms={k: v for k, v in stages[peak].items() if v},
+    )
+
+
+def _allocator_terms(config, targets, total: int, size: int, hidden: int, intermediate: int, vocab: int, heads: int,
+                     blocks: int) -> dict[str, int]:
+    """The allocation stage: zero for spectral allocators; the whole model, its gated factors and one
+    backward pass for those that run it."""
+    allocator = create_allocator(config.allocator, config.allocator_options)
+    if not allocator.needs_model:
+        return {}
+    options = allocator.config
+    batch = min(getattr(options, "batch_size", 2), config.calibration.nsamples)
+    seqlen = getattr(options, "seqlen", None) or config.calibration.seqlen
+    seqlen = min(seqlen, config.calibration.seqlen)
+    tokens = batch * seqlen
+    factors = sum(t.out_features * min(t.shape) + min(t.shape) * t.in_features for t in targets)
+    gate_width = sum(min(t.shape) for t in targets) // blocks
+    checkpointing = bool(getattr(options, "gradient_checkpointing", False) or getattr(options, "checkpointing", False))
+    if config.allocator == "strs":  # forward passes only
+        per_block = tokens * (3 * intermediate + 6 * hidden) * size
+        saved = per_block
+    else:
+        per_block = tokens * (10 * hidden + 4 * intermediate + gate_width) * size + batch * heads * seqlen * seqlen * 4
+        saved = tokens * hidden * size * blocks + per_block if checkpointing else per_block * blocks
+    return {"whole model": total * size, "gated factors": factors * size, "backward activations": saved,
+            "logits": 3 * tokens * vocab * 4}
+
+
+def _product(shape: tuple[int, ...]) -> int:
+    out = 1
+    for dim in shape:
+        out *= dim
+    return out
