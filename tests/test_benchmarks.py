@@ -143,3 +143,19 @@ def test_time_cli_records_a_user_run(tiny_folder, tmp_path, capsys):
     assert record["perplexity"]["windows"] == 2 and math.isfinite(record["perplexity"]["perplexity"])
     assert f"{record['perplexity']['perplexity']:.4f}" in capsys.readouterr().out
     assert record["perplexity"]["model"] == "artifact" and not list(tmp_path.glob("*.tmp.json"))
+
+
+def test_scale_benchmark_runs_a_tiny_suite_and_renders_it(tmp_path, monkeypatch):
+    """benchmarks/scale.py end to end at a tiny shape on CPU: a synthetic checkpoint written shard by
+    shard, a fresh process per cell, the peak read from the kernel, the estimator beside it, the page;
+    and the equivalence check that benchmarks/gpu_check.sh runs on CUDA, here on the CPU."""
+    scale = script("scale")
+    scale.measure("tiny", threads=1, results=tmp_path / "cells")
+    cell = json.loads((tmp_path / "cells" / "tiny-2-uniform.json").read_text())
+    assert cell["peak_rss_bytes"] > 0 and cell["predicted_host_bytes"] > 0 and cell["device"] == "cpu"
+    assert cell["measured"]["target_params"] <= cell["measured"]["budget"]
+    scale.render(tmp_path / "cells", tmp_path / "page.md")
+    rows = table_rows((tmp_path / "page.md").read_text(), "suite")
+    assert rows[0]["allocator"] == "uniform" and rows[0]["blocks"] == "2"
+    scale.check_equivalence("cpu")
+    assert (BENCHMARKS / "gpu_check.sh").read_text().count("--check-cuda-equivalence") == 1

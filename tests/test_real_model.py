@@ -35,7 +35,7 @@ def test_compress_save_reload(smollm2, data_dir, tmp_path):
     model, _ = rankcut.load_model("smollm2-135m", device="cpu")  # a fresh copy: compress works in place
     corpus = load_text("wikitext2", "test", data_dir=data_dir)
     dense = rankcut.evaluate_perplexity(model, tokenizer, corpus, seqlen=512, max_windows=6, show_progress=False)
-    config = rankcut.CompressionConfig(keep_ratio=0.8, calibration=rankcut.CalibrationConfig(
+    config = rankcut.CompressionConfig(keep_ratio=0.8, allocator="uniform", calibration=rankcut.CalibrationConfig(
         dataset="wikitext2", split="validation", nsamples=32, seqlen=256))
     model, report = rankcut.compress(model, config, tokenizer=tokenizer, show_progress=False)
     assert report.measured["target_params"] <= report.measured["budget"]
@@ -48,3 +48,28 @@ def test_compress_save_reload(smollm2, data_dir, tmp_path):
     ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog").input_ids])
     with torch.no_grad():
         assert (reloaded(ids).logits - model(ids).logits).abs().max() <= 1e-5
+
+
+def test_streamed_compression_equals_in_memory(smollm2, data_dir, tmp_path):
+    """The bundled model through compress_checkpoint (its converted safetensors cache, one block at a
+    time) and through compress in memory: the same plan and bit-identical artifact tensors."""
+    from safetensors.torch import load_file
+
+    from rankcut.compress import compress_checkpoint
+    from rankcut.models import checkpoint_folder
+
+    _, tokenizer = smollm2
+    model, _ = rankcut.load_model("smollm2-135m", device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
+    config = rankcut.CompressionConfig(keep_ratio=0.8, allocator="energy")
+    model, report = rankcut.compress(model, config, calibration=ids, show_progress=False)
+    rankcut.save(model, tokenizer, tmp_path / "in-memory", report)
+    streamed = compress_checkpoint(checkpoint_folder("smollm2-135m"), config, tmp_path / "streamed", calibration=ids,
+                                   show_progress=False, work_dir=tmp_path / "work")
+    assert streamed.plan.ranks == report.plan.ranks
+
+    def tensors(folder):
+        return {k: v for shard in sorted(folder.glob("model-*.safetensors")) for k, v in load_file(shard).items()}
+
+    expected, got = tensors(tmp_path / "in-memory"), tensors(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

@@ -42,8 +42,9 @@ def compress_both(tmp_path: Path, model: torch.nn.Module, config: CompressionCon
     CheckpointSource.open(folder).stream(fresh).onload([""])
     in_memory, report = compress(fresh, config, calibration=ids, show_progress=False)
     rankcut.save(in_memory, None, tmp_path / "in-memory", report)
-    streamed = compress_checkpoint(folder, config, tmp_path / "streamed", calibration=ids, show_progress=False,
-                                   work_dir=tmp_path / "work")
+    streamed = compress_checkpoint(folder, config, tmp_path / "streamed", calibration=ids, show_progress=False)
+    leftovers = {p.name for p in tmp_path.iterdir() if p.suffix != ".png"} - {"dense", "in-memory", "streamed", "cache"}
+    assert not leftovers  # the temporary work folder (spectra on disk) and the staging folder are gone (plots stay)
     return report, streamed
 
 
@@ -244,12 +245,12 @@ def test_the_estimate_grows_with_what_the_run_holds():
 
 def test_a_run_predicted_over_the_memory_limit_is_refused_before_any_work(dense_folder, tmp_path, data_dir):
     result = run_cli("compress", "--model", str(dense_folder), "--out", str(tmp_path / "o"), "--calib", "wikitext2",
-                     "--data-dir", str(data_dir), "--max-memory", "100MB")
+                     "--seqlen", "64", "--allocator", "uniform", "--data-dir", str(data_dir), "--max-memory", "100MB")
     assert result.returncode == 2
     assert "predicted to peak at" in result.stderr and "over the limit of 0.1 GiB" in result.stderr
     assert "--nsamples" in result.stderr  # what to change: calibration dominates here
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
-    dry = run_cli("compress", "--model", str(dense_folder), "--out", str(tmp_path / "o"), "--dry-run")
+    dry = run_cli("compress", "--model", str(dense_folder), "--out", str(tmp_path / "o"), "--seqlen", "64", "--dry-run")
     assert dry.returncode == 0 and "peak host memory" in dry.stdout and "calibration activations" in dry.stdout
     assert not (tmp_path / "o").exists()
     nonsense = run_cli("compress", "--model", str(dense_folder), "--out", str(tmp_path / "o"), "--max-memory", "lots")

@@ -11,7 +11,7 @@ from . import artifacts  # registers the "rankcut" format with transformers' fro
 from .allocation import ALLOCATORS, Allocation, AllocationContext, Allocator, create_allocator
 from .api import save
 from .artifacts import load, verify_artifact
-from .compress import CalibrationConfig, CompressionConfig, CompressionReport, compress
+from .compress import CalibrationConfig, CompressionConfig, CompressionReport, compress, compress_checkpoint
 from .data import TextCorpus, load_text, sample_calibration
 from .errors import RankcutError
 from .evaluation.perplexity import PerplexityResult, evaluate_perplexity
@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ALLOCATORS", "Allocation", "AllocationContext", "Allocator", "BUNDLED", "Budget", "CalibrationConfig",
     "CompressionConfig", "CompressionReport", "PerplexityResult", "RankPlan", "RankcutError", "TargetModule",
-    "TextCorpus", "WHITENERS", "compress", "create_allocator", "evaluate_perplexity", "find_targets", "load",
+    "TextCorpus", "WHITENERS", "compress", "compress_checkpoint", "create_allocator", "evaluate_perplexity", "find_targets", "load",
     "load_model", "load_text", "sample_calibration", "save", "verify_artifact",
 ]

@@ -72,7 +72,10 @@ class CheckpointSource:
             model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype,
                                                      trust_remote_code=self.trust_remote_code)
         model.tie_weights()  # a tied head is one parameter, stored once (under the embedding's name)
-        return model.to(self.device).eval() if self.device.type != "cpu" else model.eval()
+        for module in model.modules():  # the real buffers (rotary inv_freq) go where the blocks will run
+            for name, buffer in module.named_buffers(recurse=False):
+                setattr(module, name, buffer.to(self.device))
+        return model.eval()
 
     def _check_against(self, model: nn.Module) -> None:
         for name, expected in stored_names(model).items():

@@ -15,10 +15,12 @@ picks up at the first block not yet done and gives a bit-identical result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import resource
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -308,7 +310,8 @@ def compress_checkpoint(
     each block's factors go straight into the artifact's shard, so host memory holds one block (plus the
     calibration activations) whatever the depth. Allocators that run the whole model (``needs_model``)
     load it for the allocation only. The same stages as :func:`compress` run, so plans and factors are
-    the same bit for bit on the same device.
+    the same bit for bit on the same device. ``work_dir`` makes the run resumable (see :func:`compress`);
+    without it a temporary folder beside ``out_dir`` holds the spectra and is removed at the end.
 
     Before any work, the run's peak host memory is predicted from the config
     (:func:`rankcut.estimate.estimate_compression`); a prediction over ``max_memory`` bytes (default:
@@ -316,13 +319,18 @@ def compress_checkpoint(
     """
     config = _as_config(config)
     source = CheckpointSource.open(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    _check_memory(estimate_compression(source.config, config, dtype=dtype, device=source.device), max_memory)
     model = source.skeleton()
+    find_targets(model, config.exclude)  # a model with nothing to compress fails here
     tokenizer = load_tokenizer(folder) if tokenizer is None else tokenizer
     if tokenizer is None and calibration is None and _needs_calibration(config):
         raise ConfigError(f"{folder} holds no tokenizer (tokenizer.json or tokenizer_config.json), which sampling "
                           "calibration text needs")
-    with ArtifactWriter(out_dir, len(find_decoder_blocks(model)[1]) + 1, overwrite=overwrite) as writer:
+    _check_seqlen(model, config.calibration.seqlen if calibration is None else calibration.shape[1])
+    _check_memory(estimate_compression(source.config, config, dtype=dtype, device=source.device), max_memory)
+    with (ArtifactWriter(out_dir, len(find_decoder_blocks(model)[1]) + 1, overwrite=overwrite) as writer,
+          contextlib.ExitStack() as stack):
+        if work_dir is None:  # the spectra live on disk in any case: a temporary folder beside the output
+            work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=".rankcut-work-", dir=writer.staging.parent))
         report = _measured(config, lambda: _conduct(
             model, source.stream(model), config, tokenizer=tokenizer, calibration=calibration,
             show_progress=show_progress, output_dir=Path(out_dir).parent, work_dir=work_dir,

@@ -169,19 +169,6 @@ class BlockCheckpoints:
         _write_checkpoint(self.folder / ACTIVATIONS,
                           lambda path: save_file(tensors, path, {"next_block": str(next_block)}))
 
-    def block_done(self, index: int) -> bool:
-        return self._block_file(index).is_file()
-
-    def spectra(self, index: int) -> dict[str, Spectrum]:
-        """The spectra saved for block ``index``, read into memory."""
-        path = self._block_file(index)
-        try:
-            with safe_open(path, "pt") as handle:
-                return {name: Spectrum(*(handle.get_tensor(f"{name}/{part}").clone() for part in ("u", "sigma", "b_full")))
-                        for name in json.loads(handle.metadata()["modules"])}
-        except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
-            raise _unreadable(path, error) from error
-
     def stored(self, index: int) -> tuple[dict[str, "StoredSpectrum"], dict[str, dict[str, Any]]]:
         """Block ``index``'s spectra with only ``sigma`` in memory (``u`` and ``b_full`` are read from the
         file when used), and its whitening diagnostics."""

@@ -1,0 +1,223 @@
+"""Memory and time of the streamed pipeline on synthetic checkpoints of the LLaMA architecture.
+
+Each cell writes a synthetic checkpoint (random bf16 weights, shard by shard: never instantiated
+whole, SmolLM2's tokenizer), then compresses it in a fresh process with random calibration token ids
+and reads that process's peak RSS from the kernel (VmHWM), next to the estimator's prediction. Cells
+already recorded are skipped, so the script resumes; ``--render`` writes RESULTS-scale.md from them.
+
+    python benchmarks/scale.py depth            # hidden 1024: 4 / 16 / 32 blocks
+    python benchmarks/scale.py width            # the LLaMA-2-7B shape: 2 / 8 blocks
+    python benchmarks/scale.py gpu              # the 7B shape on CUDA in bf16 (benchmarks/gpu_check.sh)
+    python benchmarks/scale.py --render
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "scale"
+PAGE = HERE / "RESULTS-scale.md"
+GiB = 2**30
+
+SHAPES = {
+    "depth": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
+                  vocab_size=32000),
+    "width": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                  vocab_size=32000),
+}
+PLANS = {  # suite -> (blocks, allocators, nsamples x seqlen, device, compute dtype)
+    "depth": ([4, 16, 32], ["uniform", "energy", "zerosum", "strs"], (32, 256), "cpu", "float32"),
+    "width": ([2, 8], ["uniform", "zerosum"], (32, 512), "cpu", "float32"),
+    "gpu": ([2, 4], ["uniform", "zerosum"], (32, 512), "cuda", "bfloat16"),  # benchmarks/gpu_check.sh
+    "tiny": ([2], ["uniform"], (4, 32), "cpu", "float32"),  # the script's own test
+}
+SHAPES["gpu"] = SHAPES["width"]
+SHAPES["tiny"] = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=512)
+
+
+def write_checkpoint(folder: Path, shape: dict, blocks: int, seed: int = 0) -> None:
+    """A LLaMA checkpoint with random bf16 weights, one shard per block (plus one for the rest)."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rankcut.checkpoint import stored_names
+    from rankcut.models import checkpoint_folder
+
+    config = LlamaConfig(**shape, num_hidden_layers=blocks, max_position_embeddings=4096, tie_word_embeddings=False)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = stored_names(skeleton)
+    groups = [[n for n in names if n.startswith(f"model.layers.{i}.")] for i in range(blocks)]
+    groups.append([n for n in names if not n.startswith("model.layers.")])
+    generator = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, group in enumerate(groups):
+        shard = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in group:
+            size = names[name]
+            if len(size) == 1:  # norms
+                tensors[name] = torch.ones(size, dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(size, generator=generator) / size[-1] ** 0.5).to(torch.bfloat16)
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(folder)
+    tokenizer = checkpoint_folder("smollm2-135m")
+    for path in tokenizer.glob("tokenizer*"):
+        shutil.copy(path, folder / path.name)
+    for path in tokenizer.glob("special_tokens_map.json"):
+        shutil.copy(path, folder / path.name)
+
+
+def run_cell(folder: Path, allocator: str, nsamples: int, seqlen: int, out: Path, device: str, dtype: str) -> dict:
+    """Compress ``folder`` in this (fresh) process and return what was measured."""
+    import torch
+
+    from rankcut._settings import resolve_dtype
+
+    from rankcut import CalibrationConfig, CompressionConfig
+    from rankcut.compress import compress_checkpoint
+    from rankcut.estimate import estimate_compression
+    from rankcut.checkpoint import CheckpointSource
+
+    config = CompressionConfig(keep_ratio=0.8, allocator=allocator,
+                               calibration=CalibrationConfig("random", "-", nsamples, seqlen, batch_size=8))
+    torch_dtype = resolve_dtype(dtype)
+    source = CheckpointSource.open(folder)
+    estimate = estimate_compression(source.config, config, dtype=torch_dtype, device=device)
+    ids = torch.randint(0, source.config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    report = compress_checkpoint(folder, config, out, calibration=ids, show_progress=False, dtype=torch_dtype,
+                                 device=device, work_dir=out.with_name(out.name + ".work"), max_memory=1 << 50)
+    wall = time.perf_counter() - start
+    status = Path("/proc/self/status").read_text()
+    peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+    return {"peak_rss_bytes": peak, "predicted_host_bytes": estimate.host_bytes, "predicted_stages": estimate.stages,
+            "predicted_device_bytes": estimate.device_bytes, "device_peak_bytes": report.memory["cuda_peak_bytes"],
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
+            "wall_seconds": wall, "timings": report.timings, "measured": report.measured}
+
+
+def measure(suite: str, threads: int, results: Path = RESULTS) -> None:
+    blocks_list, allocators, (nsamples, seqlen), device, dtype = PLANS[suite]
+    results.mkdir(parents=True, exist_ok=True)
+    for blocks in blocks_list:
+        pending = [a for a in allocators if not (results / f"{suite}-{blocks}-{a}.json").exists()]
+        if not pending:
+            continue
+        with tempfile.TemporaryDirectory(prefix="rankcut-scale-") as scratch:
+            folder = Path(scratch) / "model"
+            write_checkpoint(folder, SHAPES[suite], blocks)
+            for allocator in pending:
+                cell = results / f"{suite}-{blocks}-{allocator}.json"
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "RANKCUT_CACHE": str(Path(scratch) / "cache")}
+                command = [sys.executable, __file__, "--cell", str(folder), allocator, str(nsamples), str(seqlen),
+                           str(Path(scratch) / f"out-{allocator}"), device, dtype]
+                result = subprocess.run(command, env=env, capture_output=True, text=True)
+                if result.returncode:
+                    print(result.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"cell {cell.name} failed")
+                record = {"suite": suite, "blocks": blocks, "allocator": allocator, "shape": SHAPES[suite],
+                          "nsamples": nsamples, "seqlen": seqlen, "threads": threads,
+                          "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                          "load_before": os.getloadavg()[0], **json.loads(result.stdout.splitlines()[-1])}
+                cell.write_text(json.dumps(record, indent=2))
+                print(f"{cell.name}: peak {record['peak_rss_bytes'] / GiB:.2f} GiB "
+                      f"(predicted {record['predicted_host_bytes'] / GiB:.2f}), {record['wall_seconds']:.0f} s")
+
+
+def render(results: Path = RESULTS, page: Path = PAGE) -> None:
+    cells = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    lines = ["# Results: memory and time of the streamed pipeline at scale", "",
+             "Made by `benchmarks/scale.py` on synthetic LLaMA checkpoints (random bf16 weights, compute in "
+             "float32, keep 0.8, PivGa, random calibration ids), each cell compressed in a fresh process. "
+             "`peak` is the process's VmHWM; `predicted` is `rankcut compress --dry-run`'s host figure.", "",
+             "| suite | device, dtype | blocks | allocator | calibration | peak GiB | predicted GiB | "
+             "predicted / peak | device peak GiB (predicted) | wall s | "
+             "s per block (calibrate + decompose / allocate / factorize) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in sorted(cells, key=lambda c: (c["suite"], c["allocator"], c["blocks"])):
+        t = c["timings"]
+        per_block = " / ".join(f"{t.get(k, 0.0) / c['blocks']:.1f}"
+                               for k in ("calibrate + decompose", "allocate", "factorize"))
+        device_peak = (f"{c['device_peak_bytes'] / GiB:.2f} ({c['predicted_device_bytes'] / GiB:.2f})"
+                       if c.get("device_peak_bytes") else "—")
+        lines.append(f"| {c['suite']} | {c.get('device', 'cpu')}, {c.get('dtype', 'float32')} | {c['blocks']} | "
+                     f"{c['allocator']} | {c['nsamples']} x {c['seqlen']} | {c['peak_rss_bytes'] / GiB:.2f} | "
+                     f"{c['predicted_host_bytes'] / GiB:.2f} | {c['predicted_host_bytes'] / c['peak_rss_bytes']:.2f} | "
+                     f"{device_peak} | {c['wall_seconds']:.0f} | {per_block} |")
+    page.write_text("\n".join(lines) + "\n")
+    print(page.read_text())
+
+
+def check_equivalence(device: str) -> None:
+    """A tiny random LLaMA through both paths on ``device``: the same plan and bit-identical tensors."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import rankcut
+    from rankcut.compress import compress_checkpoint
+
+    config = LlamaConfig(**SHAPES["tiny"], num_hidden_layers=3, max_position_embeddings=256)
+    torch.manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory(prefix="rankcut-equivalence-") as scratch:
+        folder = Path(scratch)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder / "dense")
+        for allocator in ("uniform", "zerosum"):
+            run = rankcut.CompressionConfig(keep_ratio=0.6, allocator=allocator)
+            model = AutoModelForCausalLM.from_pretrained(folder / "dense").to(device)
+            model, report = rankcut.compress(model, run, calibration=ids, show_progress=False)
+            rankcut.save(model, None, folder / f"memory-{allocator}", report)
+            streamed = compress_checkpoint(folder / "dense", run, folder / f"streamed-{allocator}", calibration=ids,
+                                           device=device, show_progress=False)
+            tensors = [{k: v for shard in sorted((folder / f"{kind}-{allocator}").glob("model-*.safetensors"))
+                        for k, v in load_file(shard).items()} for kind in ("memory", "streamed")]
+            same = tensors[0].keys() == tensors[1].keys() and all(torch.equal(tensors[0][k], tensors[1][k])
+                                                                  for k in tensors[0])
+            print(f"{device} {allocator}: same plan {streamed.plan.ranks == report.plan.ranks}, same tensors {same}")
+            if not (same and streamed.plan.ranks == report.plan.ranks):
+                raise SystemExit(f"streamed and in-memory differ on {device} ({allocator})")
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--check-cuda-equivalence"]:
+        check_equivalence("cuda")
+        return
+    if sys.argv[1:2] == ["--cell"]:
+        folder, allocator, nsamples, seqlen, out, device, dtype = sys.argv[2:9]
+        print(json.dumps(run_cell(Path(folder), allocator, int(nsamples), int(seqlen), Path(out), device, dtype)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suites", nargs="*", choices=sorted(PLANS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--render", action="store_true")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of cell records")
+    parser.add_argument("--page", type=Path, default=PAGE)
+    args = parser.parse_args()
+    for suite in args.suites:
+        measure(suite, args.threads, args.results)
+    if args.render:
+        render(args.results, args.page)
+
+
+if __name__ == "__main__":
+    main()
