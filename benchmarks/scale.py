@@ -135,6 +135,7 @@ def measure(suite: str, threads: int, results: Path = RESULTS) -> None:
                     print(result.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"cell {cell.name} failed")
                 record = {"suite": suite, "blocks": blocks, "allocator": allocator, "shape": SHAPES[suite],
+                          "device_kind": device,
                           "nsamples": nsamples, "seqlen": seqlen, "threads": threads,
                           "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                           "load_before": os.getloadavg()[0], **json.loads(result.stdout.splitlines()[-1])}
@@ -143,12 +144,33 @@ def measure(suite: str, threads: int, results: Path = RESULTS) -> None:
                       f"(predicted {record['predicted_host_bytes'] / GiB:.2f}), {record['wall_seconds']:.0f} s")
 
 
+def predict(cell: dict) -> tuple[int, int]:
+    """The current estimator's host and device figures for a recorded cell (so the page always compares
+    the measurements with the estimator as it is now)."""
+    from transformers import LlamaConfig
+
+    from rankcut import CalibrationConfig, CompressionConfig
+    from rankcut._settings import resolve_dtype
+    from rankcut.estimate import estimate_compression
+
+    config = LlamaConfig(**cell["shape"], num_hidden_layers=cell["blocks"], max_position_embeddings=4096,
+                         tie_word_embeddings=False)
+    run = CompressionConfig(keep_ratio=0.8, allocator=cell["allocator"], calibration=CalibrationConfig(
+        "random", "-", cell["nsamples"], cell["seqlen"], batch_size=8))
+    estimate = estimate_compression(config, run, dtype=resolve_dtype(cell.get("dtype", "float32")),
+                                    device=cell.get("device_kind", "cpu"))
+    return estimate.host_bytes, estimate.device_bytes
+
+
 def render(results: Path = RESULTS, page: Path = PAGE) -> None:
     cells = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    for cell in cells:
+        cell["predicted_host_bytes"], cell["predicted_device_bytes"] = predict(cell)
     lines = ["# Results: memory and time of the streamed pipeline at scale", "",
              "Made by `benchmarks/scale.py` on synthetic LLaMA checkpoints (random bf16 weights, compute in "
              "float32, keep 0.8, PivGa, random calibration ids), each cell compressed in a fresh process. "
-             "`peak` is the process's VmHWM; `predicted` is `rankcut compress --dry-run`'s host figure.", "",
+             "`peak` is the process's VmHWM; `predicted` is `rankcut compress --dry-run`'s host figure, computed "
+             "by the estimator as it is when the page is rendered.", "",
              "| suite | device, dtype | blocks | allocator | calibration | peak GiB | predicted GiB | "
              "predicted / peak | device peak GiB (predicted) | wall s | "
              "s per block (calibrate + decompose / allocate / factorize) |",
@@ -163,8 +185,39 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
                      f"{c['allocator']} | {c['nsamples']} x {c['seqlen']} | {c['peak_rss_bytes'] / GiB:.2f} | "
                      f"{c['predicted_host_bytes'] / GiB:.2f} | {c['predicted_host_bytes'] / c['peak_rss_bytes']:.2f} | "
                      f"{device_peak} | {c['wall_seconds']:.0f} | {per_block} |")
+    lines += ["", "## Predictions for real models", "",
+              "The estimator's figures (`rankcut compress --dry-run`) at 256 x 512 calibration tokens, keep 0.8: CPU "
+              "in float32, one GPU in bfloat16 (host / device).", "",
+              "| model | allocator | CPU host GiB | GPU host / device GiB | disk GiB |", "|---|---|---|---|---|"]
+    for model, config in REAL_MODELS.items():
+        for allocator in ("uniform", "energy", "strs", "zerosum", "ara", "fermigrad", "dobi"):
+            cpu = estimate_real(config, allocator, "float32", "cpu")
+            gpu = estimate_real(config, allocator, "bfloat16", "cuda")
+            lines.append(f"| {model} | {allocator} | {cpu.host_bytes / GiB:.1f} | {gpu.host_bytes / GiB:.1f} / "
+                         f"{gpu.device_bytes / GiB:.1f} | {cpu.disk_bytes / GiB:.0f} |")
     page.write_text("\n".join(lines) + "\n")
     print(page.read_text())
+
+
+REAL_MODELS = {
+    "LLaMA-2-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "LLaMA-3-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def estimate_real(shape: dict, allocator: str, dtype: str, device: str):
+    from transformers import LlamaConfig
+
+    from rankcut import CalibrationConfig, CompressionConfig
+    from rankcut._settings import resolve_dtype
+    from rankcut.estimate import estimate_compression
+
+    run = CompressionConfig(keep_ratio=0.8, allocator=allocator,
+                            calibration=CalibrationConfig("c4", "validation", 256, 512))
+    return estimate_compression(LlamaConfig(**shape, max_position_embeddings=4096), run, dtype=resolve_dtype(dtype),
+                                device=device)
 
 
 def check_equivalence(device: str) -> None:
@@ -207,12 +260,14 @@ def main() -> None:
         print(json.dumps(run_cell(Path(folder), allocator, int(nsamples), int(seqlen), Path(out), device, dtype)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suites", nargs="*", choices=sorted(PLANS))
+    parser.add_argument("suites", nargs="*", help=f"any of {sorted(PLANS)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of cell records")
     parser.add_argument("--page", type=Path, default=PAGE)
     args = parser.parse_args()
+    if unknown := sorted(set(args.suites) - set(PLANS)):
+        parser.error(f"unknown suite(s) {unknown}; choose from {sorted(PLANS)}")
     for suite in args.suites:
         measure(suite, args.threads, args.results)
     if args.render:

@@ -78,15 +78,15 @@ class BlockStream:
     """Drives block-by-block calibration over ``calibration`` token ids (``nsamples x seqlen``).
 
     ``weights`` brings each block's parameters in before it runs and lets them go after (a skeleton
-    streamed from its checkpoint); for a model in memory it does nothing. ``device``: where the blocks
-    run (default: where the model's parameters are)."""
+    streamed from its checkpoint); for a model in memory it does nothing. It also says where the blocks
+    run."""
 
     def __init__(self, model: nn.Module, targets: list[TargetModule], calibration: torch.Tensor, batch_size: int = 8,
-                 *, weights: ResidentWeights | None = None, device: torch.device | None = None):
+                 *, weights: ResidentWeights | None = None):
         self.model, self.targets = model, targets
         self.prefix, self.blocks = find_decoder_blocks(model)
         self.weights = weights or ResidentWeights(model)
-        self.device = device or next(model.parameters()).device
+        self.device = self.weights.device
         self.batches = list(calibration.split(batch_size))
 
     def block_name(self, index: int) -> str:

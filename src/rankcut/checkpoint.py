@@ -118,6 +118,11 @@ class ResidentWeights:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks run."""
+        return next(self.model.parameters()).device
+
     def onload(self, prefixes: list[str]) -> None:
         """Make the parameters of the named submodules (``""``: the whole model) real."""
 
@@ -137,6 +142,10 @@ class StreamedWeights(ResidentWeights):
     def __init__(self, source: CheckpointSource, model: nn.Module) -> None:
         super().__init__(model)
         self.source = source
+
+    @property
+    def device(self) -> torch.device:
+        return self.source.device
 
     def onload(self, prefixes: list[str]) -> None:
         self.source.load_tensors(self.model, [name for prefix in prefixes for name in tensor_names(self.model, prefix)])

@@ -398,7 +398,6 @@ def _conduct(
     decomposer = _Decomposer(model, config.whitening, config.whitening_options)
     dense_params, dense_bytes = sum(p.numel() for p in model.parameters()), weight_bytes(model)
     needs_data = _needs_calibration(config)
-    device = _compute_device(model, weights)
 
     if needs_data:
         if calibration is None:
@@ -422,7 +421,7 @@ def _conduct(
         if not closed_loop or (plan is None and allocator.needs_spectra):
             with _phase(timings, "calibrate + decompose"):
                 checkpoints = _spectra_checkpoints(work, spectra_cache, config, model, weights, targets, calibration)
-                curves = _collect_spectra(model, weights, device, targets, calibration, config, decomposer, spectra,
+                curves = _collect_spectra(model, weights, targets, calibration, config, decomposer, spectra,
                                           show_progress, checkpoints)
             if output_dir is not None and curves:
                 _plot_whitening(curves, targets, Path(output_dir))
@@ -448,8 +447,8 @@ def _conduct(
         with _phase(timings, "factorize"):
             if closed_loop:
                 spectra.clear()  # re-decomposed block by block against the compressed upstream blocks
-                _factorize_sequential(model, weights, device, targets, calibration, config, decomposer, plan,
-                                      show_progress, work, hand_over)
+                _factorize_sequential(model, weights, targets, calibration, config, decomposer, plan, show_progress,
+                                      work, hand_over)
             else:
                 _factorize_open_loop(model, weights, targets, spectra, plan, config.factor_format, hand_over)
             if writer is not None:
@@ -465,11 +464,6 @@ def _conduct(
 def _needs_calibration(config: CompressionConfig) -> bool:
     """Whitening and the allocators that run the model need calibration text."""
     return config.whitening != "none" or create_allocator(config.allocator, config.allocator_options).needs_model
-
-
-def _compute_device(model: nn.Module, weights: ResidentWeights) -> torch.device:
-    """Where the blocks run: the streamed source's device, else where the model's parameters are."""
-    return getattr(getattr(weights, "source", None), "device", None) or next(model.parameters()).device
 
 
 @contextmanager
@@ -529,7 +523,7 @@ def _spectra_checkpoints(work: WorkDir | None, spectra_cache: str | Path | None,
 Curves = dict[str, tuple[list[float], list[float]]]
 
 
-def _collect_spectra(model, weights, device, targets, calibration, config, decomposer, spectra, show_progress,
+def _collect_spectra(model, weights, targets, calibration, config, decomposer, spectra, show_progress,
                      checkpoints: BlockCheckpoints | None) -> Curves:
     """Fill ``spectra`` (with checkpoints: singular values in memory, factors on disk) and return the
     middle block's singular values before and after whitening, for the plot (empty if not computed)."""
@@ -547,7 +541,7 @@ def _collect_spectra(model, weights, device, targets, calibration, config, decom
                 decomposer.diagnostics[target.name] = dict(identity.diagnostics)
             weights.offload([f"{prefix}.{index}"])
         return curves
-    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights, device=device)
+    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights)
     state = _resume(checkpoints, stream.device, decomposer)
     spectra.update(state.spectra)
 
@@ -610,9 +604,9 @@ def _factorize_open_loop(model, weights, targets, spectra, plan, factor_format: 
         weights.offload([block])
 
 
-def _factorize_sequential(model, weights, device, targets, calibration, config, decomposer, plan, show_progress,
+def _factorize_sequential(model, weights, targets, calibration, config, decomposer, plan, show_progress,
                           work: WorkDir | None, hand_over) -> None:
-    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights, device=device)
+    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights)
     checkpoints = work.blocks("sequential", len(stream.blocks)) if work is not None else None
     state = _resume(checkpoints, stream.device, decomposer)
     by_name = {t.name: t for t in targets}

@@ -120,10 +120,10 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
     # shows only in a forward pass, so every target counts as its own (an upper bound: q/k/v and gate/up
     # share theirs).
     grams = sum(12 * t.in_features ** 2 for t in targets if t.block == targets[0].block)
-    largest = max(targets, key=lambda t: t.out_features * t.in_features)
-    m, n = largest.shape
-    r = min(m, n)
-    svd = 8 * (2 * m * n + m * r + 2 * r * n + 2 * n * n)
+    # float64: the weight and its whitened copy, U, Vᵀ and Bfull, the Gram's symmetric copy, its
+    # Cholesky factor and the solve's workspace; the largest over the targets
+    svd = max(8 * (2 * t.out_features * t.in_features + t.out_features * min(t.shape)
+                   + 2 * min(t.shape) * t.in_features + 5 * t.in_features ** 2) for t in targets)
     block_spectra = 4 * sum(t.out_features * min(t.shape) + min(t.shape) * t.in_features
                             for t in targets if t.block == 0)
     spectra_disk = 4 * sum(t.out_features * min(t.shape) + min(t.shape) * t.in_features for t in targets)
@@ -131,27 +131,39 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
     workspace = batch_tokens * (3 * intermediate + 6 * hidden) * size + batch_tokens * heads * calibration.seqlen * 4
 
     on_device = torch.device(device).type != "cpu"
-    calibrate = {"block weights": block * size, "calibration activations": activations,
-                 "block forward workspace": workspace, "Grams": grams, "largest SVD (float64)": svd,
-                 "block spectra": block_spectra}
-    factorize = {"block weights": block * size, "block factors (float64)": 2 * block * 8,
-                 "embeddings and head": outer * size}
-    allocate = _allocator_terms(config, targets, total, size, hidden, intermediate, vocab, heads, len(blocks))
-    stages = {"calibrate": calibrate, "allocate": allocate, "factorize": factorize}
-    host_only = {"Grams", "largest SVD (float64)", "block spectra", "block factors (float64)"}
-    host_stages = {name: sum(v for k, v in terms.items() if not on_device or k in host_only)
-                   for name, terms in stages.items()}
-    device_stages = {name: sum(v for k, v in terms.items() if k not in host_only) if on_device else 0
-                     for name, terms in stages.items()}
-    peak = max(host_stages, key=host_stages.get) if not on_device else max(device_stages, key=device_stages.get)
-    artifact = int(config.keep_ratio * sum(t.out_features * t.in_features for t in targets) + total
-                   - sum(t.out_features * t.in_features for t in targets)) * size
+    # The block's forward (workspace) is over before its decompositions start; the spectra are copied
+    # once more when the block's checkpoint is serialized. Grams, decompositions and factors are on the
+    # host; blocks, activations and the allocators' work on the device when there is one.
+    decomposition = max(svd + block_spectra, 2 * block_spectra)
+    run_side = {"calibrate": {"block weights": block * size, "calibration activations": activations,
+                              "block forward workspace": workspace},
+                "allocate": _allocator_terms(config, targets, total, size, hidden, intermediate, vocab, heads,
+                                             len(blocks)),
+                "factorize": {"block weights": block * size, "embeddings and head": outer * size}}
+    host_side = {"calibrate": {"Grams": grams, "decompositions": decomposition},
+                 "allocate": {},
+                 "factorize": {"block factors (float64)": 2 * block * 8}}
+    if on_device:
+        host = {stage: host_side[stage] for stage in run_side}
+        device_terms = run_side
+    else:  # one memory: the forward's workspace is gone before the decompositions start
+        host = {stage: {**run_side[stage], **host_side[stage]} for stage in run_side}
+        calibrate = host["calibrate"]
+        calibrate["block forward or decompositions"] = max(calibrate.pop("block forward workspace"),
+                                                           calibrate.pop("decompositions"))
+        device_terms = {stage: {} for stage in run_side}
+    host_stages = {stage: sum(terms.values()) for stage, terms in host.items()}
+    device_stages = {stage: sum(terms.values()) for stage, terms in device_terms.items()}
+    shown = device_terms if on_device else host
+    peak = max(device_stages if on_device else host_stages, key=(device_stages if on_device else host_stages).get)
+    targets_dense = sum(t.out_features * t.in_features for t in targets)
+    artifact = int(config.keep_ratio * targets_dense + total - targets_dense) * size
     return MemoryEstimate(
         host_bytes=RUNTIME_BYTES + max(host_stages.values()),
-        device_bytes=max(device_stages.values()),
+        device_bytes=max(device_stages.values()) if on_device else 0,
         disk_bytes=spectra_disk + tokens * hidden * size + artifact,
-        stages=host_stages if not on_device else device_stages,
-        terms={k: v for k, v in stages[peak].items() if v},
+        stages=device_stages if on_device else host_stages,
+        terms={k: v for k, v in shown[peak].items() if v},
     )
 
 
