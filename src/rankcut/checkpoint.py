@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import CheckpointError, loading_errors
+from .memory import release_freed_memory
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -158,6 +159,7 @@ class StreamedWeights(ResidentWeights):
             for name, _ in list(self.model.get_submodule(prefix).named_parameters()):
                 set_module_tensor_to_device(self.model, f"{prefix}.{name}" if prefix else name, "meta")
         self.model.tie_weights()
+        release_freed_memory()
 
     def tensor(self, name: str) -> torch.Tensor:
         stored = self.source.tensors[name]

@@ -1,4 +1,4 @@
-"""Peak resident memory of this process over a block of code.
+"""Peak resident memory of this process over a block of code, and giving freed memory back.
 
 On Linux the kernel's high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` and read
 after the block: exact and free. Where that is missing, or the reset is accepted without effect
@@ -7,6 +7,8 @@ after the block: exact and free. Where that is missing, or the reset is accepted
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import mmap
 import re
@@ -104,3 +106,23 @@ def peak_rss() -> Iterator[dict[str, Any]]:
         sampler.join()
         samples[0] = max(samples[0], current_rss() or 0)
         report.update(peak_bytes=samples[0], method="RSS sampled every 1 ms")
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return the C heap's free pages to the kernel. glibc keeps freed blocks of a few MB in the heap
+    (its mmap threshold rises as large blocks are freed), so a loop that frees one decoder block and
+    allocates the next grew the resident size with depth: 0.46 -> 1.25 GiB over 8 blocks of a
+    1024-wide model, flat at 0.56 GiB with this call after each block."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
