@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
-python -m pip install -q -e . >/dev/null
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the device machine reaches no registry: run from the tree
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/device.txt"
 python benchmarks/scale.py --check-cuda-equivalence 2>&1 | tee "$out/equivalence.txt"
 timeout 420 python benchmarks/scale.py gpu --results "$out/cells" --page "$out/RESULTS-gpu.md" --render \

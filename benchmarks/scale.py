@@ -54,6 +54,7 @@ def write_checkpoint(folder: Path, shape: dict, blocks: int, seed: int = 0) -> N
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from rankcut.checkpoint import stored_names
+    from rankcut.errors import ModelNotFoundError
     from rankcut.models import checkpoint_folder
 
     config = LlamaConfig(**shape, num_hidden_layers=blocks, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -79,10 +80,11 @@ def write_checkpoint(folder: Path, shape: dict, blocks: int, seed: int = 0) -> N
         del tensors
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config.save_pretrained(folder)
-    tokenizer = checkpoint_folder("smollm2-135m")
-    for path in tokenizer.glob("tokenizer*"):
-        shutil.copy(path, folder / path.name)
-    for path in tokenizer.glob("special_tokens_map.json"):
+    try:  # the calibration ids are random: the tokenizer only travels into the artifact
+        tokenizer = checkpoint_folder("smollm2-135m")
+    except ModelNotFoundError:  # e.g. on the GPU machine, which has no bundled model
+        return
+    for path in [*tokenizer.glob("tokenizer*"), *tokenizer.glob("special_tokens_map.json")]:
         shutil.copy(path, folder / path.name)
 
 

@@ -186,10 +186,15 @@ def _allocator_terms(config, targets, total: int, size: int, hidden: int, interm
         per_block = tokens * (3 * intermediate + 6 * hidden) * size
         saved = per_block
     else:
-        per_block = tokens * (10 * hidden + 4 * intermediate + gate_width) * size + batch * heads * seqlen * seqlen * 4
+        # what autograd keeps per token: about 12 hidden-wide tensors (norms, projections' inputs and
+        # outputs, rotary, attention), 4 intermediate-wide (gate, up, activation, product), and each gated
+        # layer's components before and after the gate; plus the attention probabilities
+        per_block = (tokens * (12 * hidden + 4 * intermediate + 2 * gate_width) * size
+                     + batch * heads * seqlen * seqlen * 4)
         saved = tokens * hidden * size * blocks + per_block if checkpointing else per_block * blocks
+    # logits, their shifted copy, log-softmax and two gradients, in float32
     return {"whole model": total * size, "gated factors": factors * size, "backward activations": saved,
-            "logits": 3 * tokens * vocab * 4}
+            "logits": 5 * tokens * vocab * 4}
 
 
 def _product(shape: tuple[int, ...]) -> int:
