@@ -175,8 +175,8 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
              "by the estimator as it is when the page is rendered.", "",
              "| suite | device, dtype | blocks | allocator | calibration | peak GiB | predicted GiB | "
              "predicted / peak | device peak GiB (predicted) | wall s | "
-             "s per block (calibrate + decompose / allocate / factorize) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "s per block (calibrate + decompose / allocate / factorize) | load before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=lambda c: (c["suite"], c["allocator"], c["blocks"])):
         t = c["timings"]
         per_block = " / ".join(f"{t.get(k, 0.0) / c['blocks']:.1f}"
@@ -186,7 +186,18 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
         lines.append(f"| {c['suite']} | {c.get('device', 'cpu')}, {c.get('dtype', 'float32')} | {c['blocks']} | "
                      f"{c['allocator']} | {c['nsamples']} x {c['seqlen']} | {c['peak_rss_bytes'] / GiB:.2f} | "
                      f"{c['predicted_host_bytes'] / GiB:.2f} | {c['predicted_host_bytes'] / c['peak_rss_bytes']:.2f} | "
-                     f"{device_peak} | {c['wall_seconds']:.0f} | {per_block} |")
+                     f"{device_peak} | {c['wall_seconds']:.0f} | {per_block} | {c.get('load_before', 0):.1f} |")
+    lines += ["", "`load before`: the machine's 1-minute load average when the cell started (2 cores): above about "
+              "1 the cell shared the CPU and its times are slower than the machine can do; peaks are unaffected.",
+              "", "## Depth: peak growth over the shallowest model of each allocator", "",
+              "| suite | allocator | blocks | peak - shallowest peak, GiB |", "|---|---|---|---|"]
+    for suite in sorted({c["suite"] for c in cells}):
+        for allocator in sorted({c["allocator"] for c in cells if c["suite"] == suite}):
+            mine = sorted((c for c in cells if c["suite"] == suite and c["allocator"] == allocator),
+                          key=lambda c: c["blocks"])
+            for c in mine[1:]:
+                lines.append(f"| {suite} | {allocator} | {mine[0]['blocks']} -> {c['blocks']} | "
+                             f"{(c['peak_rss_bytes'] - mine[0]['peak_rss_bytes']) / GiB:+.2f} |")
     lines += ["", "## Predictions for real models", "",
               "The estimator's figures (`rankcut compress --dry-run`) at 256 x 512 calibration tokens, keep 0.8: CPU "
               "in float32, one GPU in bfloat16 (host / device).", "",
