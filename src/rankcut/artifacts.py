@@ -26,8 +26,8 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ._settings import resolve_device, resolve_dtype
-from .errors import ArtifactError
 from .checkpoint import stored_names, tensor_names
+from .errors import ArtifactError
 from .layers import LAYER_CLASSES, build_layer, describe_layer
 from .targets import find_decoder_blocks, set_submodule
 from .workdir import is_disk_full
@@ -203,7 +203,7 @@ class ArtifactWriter:
     Used as a context manager: on any failure the staging folder is removed and ``out`` is untouched."""
 
     def __init__(self, out: str | os.PathLike, shards: int, *, overwrite: bool = False) -> None:
-        self.out, self.shards, self.overwrite = Path(out), shards, overwrite
+        self.out, self.shards = Path(out), shards
         check_output_folder(self.out, overwrite)
         self.staging: Path | None = None
         self.weight_map: dict[str, str] = {}
