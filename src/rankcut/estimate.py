@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -80,10 +79,6 @@ class MemoryEstimate:
         rows += [(f"stage: {stage}", f"{size / GiB:.2f} GiB") for stage, size in self.stages.items()]
         rows += [(f"  {term}", f"{size / GiB:.2f} GiB") for term, size in self.terms.items()]
         return rows
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"host_bytes": self.host_bytes, "device_bytes": self.device_bytes, "disk_bytes": self.disk_bytes,
-                "stages": self.stages, "terms": self.terms}
 
 
 def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.float32,
