@@ -60,7 +60,7 @@ class _BlockRecorder(nn.Module):
         return hidden_states
 
 
-def _block_output(output) -> torch.Tensor:
+def block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -92,8 +92,10 @@ class BlockStream:
     def block_name(self, index: int) -> str:
         return f"{self.prefix}.{index}"
 
-    @torch.inference_mode()
-    def _capture(self) -> tuple[list[torch.Tensor], dict[int, list[dict]]]:
+    @torch.no_grad()  # not inference mode: the keyword tensors (rotary embeddings) may enter autograd later
+    def capture(self) -> tuple[list[torch.Tensor], dict[int, list[dict]]]:
+        """The inputs of block 0 (one tensor per batch) and every block's keyword arguments per batch
+        (masks, rotary embeddings): the model runs once per batch up to its last block."""
         sink: dict[int, list] = {}
         originals = list(self.blocks)
         embedding = next(name for name, module in self.model.named_modules()
@@ -130,7 +132,7 @@ class BlockStream:
         called after every block. Blocks before ``start_block`` are not run again; the model still
         runs once up to the first block to capture every block's keyword arguments (cheap).
         """
-        captured, block_kwargs = self._capture()
+        captured, block_kwargs = self.capture()
         if hidden is None:
             if start_block:
                 raise ValueError("resuming at a later block needs the hidden states entering it")
@@ -149,16 +151,19 @@ class BlockStream:
                 outputs = self._run_block(block, hidden, block_kwargs[index], run)
             on_block(run)
             if closed_loop and run.targets:
-                with torch.inference_mode():
-                    outputs = [
-                        _block_output(block(h, **kw)) for h, kw in zip(hidden, block_kwargs[index])
-                    ]
+                outputs = self.forward_block(block, hidden, block_kwargs[index])
             self.weights.offload([self.block_name(index)])
             hidden = outputs
             if on_outputs is not None:
                 on_outputs(index + 1, hidden)
             if progress is not None:
                 progress(1)
+
+    @staticmethod
+    @torch.inference_mode()
+    def forward_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+        """The block's outputs on ``hidden`` (one tensor per batch), nothing recorded."""
+        return [block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
 
     def _run_block(self, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], run: BlockRun) -> list[torch.Tensor]:
         modules = {t.name: self.model.get_submodule(t.name) for t in run.targets}
@@ -172,7 +177,7 @@ class BlockStream:
         try:
             for h, kw in zip(hidden, kwargs):
                 seen.clear()
-                outputs.append(_block_output(block(h, **kw)))
+                outputs.append(block_output(block(h, **kw)))
                 for group, tensor in _group_by_identity(seen):
                     _accumulate(accumulators.setdefault(group, [None, None, 0]), tensor)
         finally:

@@ -47,6 +47,7 @@ from .models import load_tokenizer
 from .plan import DENSE, FACTOR_FORMATS, Budget, RankPlan
 from .progress import progress_bar
 from .registry import PluginConfig
+from .sweep import ModelStream
 from .targets import TargetModule, find_decoder_blocks, find_targets, set_submodule
 from .whitening import Whitening, create_whitener
 from .workdir import BlockCheckpoints, Resumed, WorkDir, run_record
@@ -347,8 +348,8 @@ def _check_memory(estimate: MemoryEstimate, limit: int | None) -> None:
     if estimate.host_bytes <= limit:
         return
     advice = {"calibrate": "fewer calibration tokens (--nsamples, --seqlen) or a smaller --batch-size",
-              "allocate": "an allocator that does not run the whole model (uniform, energy) or its "
-                          "gradient_checkpointing / batch options (-a KEY=VALUE)",
+              "allocate": "an allocator that does not run the model (uniform, energy), a streamed one "
+                          "(zerosum), or a smaller batch_size / windows (-a KEY=VALUE)",
               "factorize": "a machine with more memory"}[estimate.peak_stage]
     raise ConfigError(f"this run is predicted to peak at {estimate.host_bytes / GiB:.1f} GiB of host memory (stage "
                       f"{estimate.peak_stage}), over the limit of {limit / GiB:.1f} GiB (--max-memory, default: "
@@ -428,17 +429,20 @@ def _conduct(
 
         if plan is None:
             with _phase(timings, "allocate"):
-                if allocator.needs_model:
+                whole = allocator.needs_model and not allocator.streamed
+                if whole:
                     weights.onload([""])  # the whole model, for the allocation only
+                stream = ModelStream(model, targets, weights, work.path / "sweep" if work is not None else None)
                 context = AllocationContext(
-                    budget, targets, spectra, model if allocator.needs_model else None, calibration,
+                    budget, targets, spectra, model if whole else None, calibration,
                     seed=config.calibration.seed, show_progress=show_progress,
                     output_dir=Path(output_dir) if output_dir else None, cache_dir=cache_dir() / "allocators",
-                    work_dir=work.allocator_dir if work is not None else None)
+                    work_dir=work.allocator_dir if work is not None else None,
+                    stream=stream if allocator.needs_model else None)
                 try:
                     plan = allocator.allocate(context)
                 finally:
-                    if allocator.needs_model:
+                    if whole:
                         weights.offload([""])
             if work is not None:
                 work.save_plan(plan)

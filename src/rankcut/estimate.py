@@ -8,14 +8,17 @@ largest stage:
   (``2 x nsamples x seqlen x hidden``, compute dtype), one batch's intermediate tensors inside the
   block, the block's input Grams (float64 totals, float32 batch sums), and the float64 workspace of the
   largest whitened SVD;
-- **allocate**: nothing for the spectral allocators (singular values only); allocators that run the
-  model (``needs_model``) load it whole and add the gated factors and one backward pass's activations
-  (per-block saved tensors and the vocabulary-wide logits) of their batch;
+- **allocate**: nothing for the spectral allocators (singular values only); a streamed allocator
+  (zerosum) one block, its weight gradients and reverse sweep (:mod:`rankcut.sweep`), or the head and
+  one chunk of logits, whichever is larger; allocators that run the model whole load it and add the
+  gated factors and one backward pass's activations (per-block saved tensors and the vocabulary-wide
+  logits) of their batch;
 - **factorize and write**: one block's weights and float64 factors, or the embeddings and head when the
   last shard is written.
 
 On CUDA the blocks, activations and allocator work are on the device; Grams and decompositions stay on
-the host. Disk: the spectra (``U`` and ``Bfull`` in float32), one block's activations and the artifact.
+the host. Disk: the spectra (``U`` and ``Bfull`` in float32), one block's activations, every block's
+saved inputs of a streamed allocator's sweep, and the artifact.
 The per-token activation factors were measured on the synthetic LLaMA checkpoints of
 ``benchmarks/scale.py``; ``benchmarks/RESULTS-scale.md`` compares predictions with measured peaks.
 """
@@ -29,6 +32,7 @@ import torch
 
 from .allocation import create_allocator
 from .errors import ConfigError
+from .sweep import LOGITS_BYTES
 
 GiB = 2**30
 RUNTIME_BYTES = int(0.45 * GiB)  # Python, torch, transformers, tokenizers, rankcut: measured RSS after import
@@ -132,8 +136,8 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
     decomposition = max(svd + block_spectra, 2 * block_spectra)
     run_side = {"calibrate": {"block weights": block * size, "calibration activations": activations,
                               "block forward workspace": workspace},
-                "allocate": _allocator_terms(config, targets, total, size, hidden, intermediate, vocab, heads,
-                                             len(blocks)),
+                "allocate": _allocator_terms(config, targets, total, block, outer, size, hidden, intermediate, vocab,
+                                             heads, len(blocks)),
                 "factorize": {"block weights": block * size, "embeddings and head": outer * size}}
     host_side = {"calibrate": {"Grams": grams, "decompositions": decomposition},
                  "allocate": {},
@@ -153,19 +157,21 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
     peak = max(device_stages if on_device else host_stages, key=(device_stages if on_device else host_stages).get)
     targets_dense = sum(t.out_features * t.in_features for t in targets)
     artifact = int(config.keep_ratio * targets_dense + total - targets_dense) * size
+    sweep = len(blocks) * _sweep_inputs(config, hidden, size) if create_allocator(config.allocator, config.allocator_options).streamed else 0
     return MemoryEstimate(
         host_bytes=RUNTIME_BYTES + max(host_stages.values()),
         device_bytes=max(device_stages.values()) if on_device else 0,
-        disk_bytes=spectra_disk + tokens * hidden * size + artifact,
+        disk_bytes=spectra_disk + tokens * hidden * size + sweep + artifact,
         stages=device_stages if on_device else host_stages,
         terms={k: v for k, v in shown[peak].items() if v},
     )
 
 
-def _allocator_terms(config, targets, total: int, size: int, hidden: int, intermediate: int, vocab: int, heads: int,
-                     blocks: int) -> dict[str, int]:
-    """The allocation stage: zero for spectral allocators; the whole model, its gated factors and one
-    backward pass for those that run it."""
+def _allocator_terms(config, targets, total: int, block: int, outer: int, size: int, hidden: int,
+                     intermediate: int, vocab: int, heads: int, blocks: int) -> dict[str, int]:
+    """The allocation stage: zero for spectral allocators; one block and its reverse sweep for a
+    streamed allocator (zerosum); the whole model, its gated factors and one backward pass for those
+    that run the model whole."""
     allocator = create_allocator(config.allocator, config.allocator_options)
     if not allocator.needs_model:
         return {}
@@ -174,22 +180,40 @@ def _allocator_terms(config, targets, total: int, size: int, hidden: int, interm
     seqlen = getattr(options, "seqlen", None) or config.calibration.seqlen
     seqlen = min(seqlen, config.calibration.seqlen)
     tokens = batch * seqlen
-    factors = sum(t.out_features * min(t.shape) + min(t.shape) * t.in_features for t in targets)
     gate_width = sum(min(t.shape) for t in targets) // blocks
-    checkpointing = bool(getattr(options, "gradient_checkpointing", False) or getattr(options, "checkpointing", False))
+    # what autograd keeps per token of a block: about 12 hidden-wide tensors (norms, projections' inputs
+    # and outputs, rotary, attention) and 4 intermediate-wide (gate, up, activation, product), plus the
+    # attention probabilities
+    autograd_block = tokens * (12 * hidden + 4 * intermediate) * size + batch * heads * seqlen * seqlen * 4
+    if allocator.streamed:
+        saved = _sweep_inputs(config, hidden, size)
+        # the float64 projection of the largest module's gradient onto its spectrum: G, U, Bfull, G Bfullᵀ
+        projection = max(8 * (2 * t.out_features * t.in_features + t.out_features * min(t.shape)
+                              + min(t.shape) * t.in_features) for t in targets)
+        backward = {"block weights and gradient sums": block * (size + max(size, 4)),
+                    "saved inputs and their gradients": 3 * saved, "block autograd": autograd_block,
+                    "score projection (float64)": projection}
+        head = {"embeddings and head": outer * size, "last outputs and their gradient": 2 * saved,
+                # logits, their float32 copy and gradient; a chunk is at most one batch's predicted positions
+                "logits of one chunk": 3 * 4 * vocab * min(LOGITS_BYTES // (4 * vocab), batch * (seqlen - 1))}
+        return backward if sum(backward.values()) >= sum(head.values()) else head
+    factors = sum(t.out_features * min(t.shape) + min(t.shape) * t.in_features for t in targets)
+    checkpointing = bool(getattr(options, "checkpointing", False))
     if config.allocator == "strs":  # forward passes only
         per_block = tokens * (3 * intermediate + 6 * hidden) * size
         saved = per_block
-    else:
-        # what autograd keeps per token: about 12 hidden-wide tensors (norms, projections' inputs and
-        # outputs, rotary, attention), 4 intermediate-wide (gate, up, activation, product), and each gated
-        # layer's components before and after the gate; plus the attention probabilities
-        per_block = (tokens * (12 * hidden + 4 * intermediate + 2 * gate_width) * size
-                     + batch * heads * seqlen * seqlen * 4)
+    else:  # each gated layer's components before and after the gate, too
+        per_block = autograd_block + tokens * 2 * gate_width * size
         saved = tokens * hidden * size * blocks + per_block if checkpointing else per_block * blocks
     # logits, their shifted copy, log-softmax and two gradients, in float32
     return {"whole model": total * size, "gated factors": factors * size, "backward activations": saved,
             "logits": 5 * tokens * vocab * 4}
+
+
+def _sweep_inputs(config, hidden: int, size: int) -> int:
+    """Bytes of one block's saved inputs in a streamed allocator's gradient sweep (its windows)."""
+    windows = getattr(create_allocator(config.allocator, config.allocator_options).config, "windows", None)
+    return min(windows or config.calibration.nsamples, config.calibration.nsamples) * config.calibration.seqlen * hidden * size
 
 
 def _product(shape: tuple[int, ...]) -> int:

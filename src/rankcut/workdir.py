@@ -12,6 +12,8 @@ A work folder holds::
     sequential/...                  the closed-loop factorize pass, laid out like spectra/ (factors
                                     cut to the planned ranks)
     allocator/                      free for the allocator's own checkpoints (AllocationContext.work_dir)
+    sweep/block-NNNN.safetensors    each block's saved inputs while a streamed allocator's gradient sweep
+                                    runs (rankcut.sweep); each file is deleted once read back
 
 Every file is written under a temporary name and moved into place with ``os.replace``, so a process
 killed at any moment leaves the previous or the next consistent state, never a half-written file.

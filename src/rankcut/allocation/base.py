@@ -19,6 +19,7 @@ from torch import nn
 from ..decomposition import Spectrum
 from ..plan import Budget, RankPlan, Rank
 from ..registry import PluginConfig, Registry
+from ..sweep import ModelStream
 from ..targets import TargetModule
 
 Priority = Callable[[str, int], float]
@@ -33,7 +34,7 @@ class AllocationContext:
     budget: Budget
     targets: list[TargetModule]
     spectra: Mapping[str, Spectrum] = field(default_factory=dict)
-    model: nn.Module | None = None  # the dense model, frozen; for allocators that train or evaluate
+    model: nn.Module | None = None  # the dense model in memory, frozen; for allocators that train or evaluate it whole
     calibration: torch.Tensor | None = None  # nsamples x seqlen token ids
     seed: int = 0
     show_progress: bool = True
@@ -46,6 +47,13 @@ class AllocationContext:
     # The calibration loss that learned allocators minimise, ``objective(model, token_ids) -> scalar``;
     # None: mean next-token cross-entropy. Tests inject losses whose constrained optimum is known.
     objective: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # The dense model block by block, one block resident (weight gradients of the calibration loss): what
+    # allocators that declare ``streamed`` use. Given ``model`` alone, it runs that model's blocks.
+    stream: ModelStream | None = None
+
+    def __post_init__(self) -> None:
+        if self.stream is None and self.model is not None:
+            self.stream = ModelStream(self.model, self.targets)
 
 
 @dataclass
@@ -70,6 +78,7 @@ class Allocator(ABC):
     config_class: ClassVar[type[PluginConfig]]
     needs_spectra: ClassVar[bool] = True  # False: the plan depends on shapes alone (uniform)
     needs_model: ClassVar[bool] = False  # True: the allocator runs the model on calibration data
+    streamed: ClassVar[bool] = False  # True: it runs the model only through ``context.stream``, never whole
 
     def __init__(self, config: PluginConfig) -> None:
         self.config = config

@@ -4,7 +4,10 @@
 by ``ΔL_i = −σ_i u_iᵀ (G S⁻ᵀ) v_i = −σ_i u_iᵀ G Bfull_iᵀ`` (G: mean loss gradient w.r.t. the weight,
 ``Bfull = Vᵀ S⁻¹``). In the gated view of ``spectral.py``, ``W(g) = Σ_i g_i σ_i u_i Bfull_i``, so
 ``∂L/∂g_i`` at ``g = 1`` is ``σ_i u_iᵀ G Bfull_iᵀ``; removing ``i`` is the step ``g_i: 1 → 0``, hence
-``ΔL_i = −∂L/∂g_i``. One backward pass per calibration batch gives every score of every module.
+``ΔL_i = −∂L/∂g_i``. The model's own dense weight gradient gives every score of a module with one
+projection, and :class:`~rankcut.sweep.ModelStream` computes those gradients one block resident at a
+time (a forward that saves each block's input, then a reverse sweep), so the scores of a 7B model need
+the memory of one block.
 Sign convention (the paper's): ``ΔL_i > 0`` — removal is predicted to raise the loss; ``ΔL_i < 0`` —
 to lower it.
 
@@ -31,24 +34,21 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
-from torch import nn
 
 from ..decomposition import Spectrum
 from ..errors import ConfigError
 from ..plan import DENSE, Budget, Rank
 from ..progress import progress_bar
 from ..registry import PluginConfig
-from ..targets import TargetModule
+from ..sweep import ModelStream
 from .base import ALLOCATORS, Allocation, AllocationContext, Allocator, Priority
-from .spectral import gradient_checkpointing, language_model_loss, spectral_view
 
 
 @dataclass
 class ZeroSumConfig(PluginConfig):
     windows: int | None = 32  # calibration rows for the mean gradient (None: all); ZS-SVD uses 256 x 2048 tokens
-    batch_size: int = 4
+    batch_size: int = 4  # windows per recomputation of a block in the reverse sweep
     min_rank_ratio: float = 0.0  # rank floor as a fraction of the break-even rank (ZS-SVD: 0, 0.3 at 60% pruning)
-    gradient_checkpointing: bool = False  # recompute blocks in backward: bounds activation memory on big models
 
     def validate(self) -> None:
         if self.windows is not None and self.windows < 1:
@@ -59,28 +59,22 @@ class ZeroSumConfig(PluginConfig):
             raise ConfigError(f"zerosum min_rank_ratio must be in [0, 1], got {self.min_rank_ratio}")
 
 
-def component_scores(model: nn.Module, targets: list[TargetModule], spectra: Mapping[str, Spectrum],
-                     windows: torch.Tensor, batch_size: int, *, checkpointing: bool = False,
-                     advance: Callable[..., None] | None = None) -> dict[str, torch.Tensor]:
-    """``ΔL_i = −∂L/∂g_i`` at all-ones gates for every component of every target (float64), where L
-    is the mean next-token loss over ``windows`` (batches weighted by their size)."""
-    sums: dict[str, torch.Tensor] = {}
-    with spectral_view(model, targets, spectra) as layers, gradient_checkpointing(model, checkpointing):
-        device = next(model.parameters()).device
-        gates = {name: torch.ones(layer.full_rank, dtype=torch.float64, device=device, requires_grad=True)
-                 for name, layer in layers.items()}  # float64: the layer casts it, its gradient stays exact
-        for name, layer in layers.items():
-            layer.gate = gates[name]
-        for batch in windows.split(batch_size):
-            loss = language_model_loss(model, batch)
-            grads = torch.autograd.grad(loss, list(gates.values()))
-            weight = batch.shape[0] / windows.shape[0]
-            for name, grad in zip(gates, grads):
-                term = grad.detach().double().cpu() * weight
-                sums[name] = sums[name] + term if name in sums else term
-            if advance is not None:
-                advance(loss=float(loss.detach()))
-    return {name: -total for name, total in sums.items()}
+def component_scores(stream: ModelStream, spectra: Mapping[str, Spectrum], windows: torch.Tensor,
+                     batch_size: int, *, advance: Callable[..., None] | None = None) -> dict[str, torch.Tensor]:
+    """``ΔL_i = −σ_i u_iᵀ G Bfull_iᵀ`` (float64) for every component of every target, G the gradient of
+    the mean next-token loss over ``windows`` with respect to the target's weight."""
+    scores: dict[str, torch.Tensor] = {}
+
+    def project(_block: int, gradients: dict[str, torch.Tensor]) -> None:
+        for name, gradient in gradients.items():
+            spectrum = spectra[name]
+            g = gradient.double()
+            u, b_full = spectrum.u.to(g.device, torch.float64), spectrum.b_full.to(g.device, torch.float64)
+            sigma = spectrum.sigma.to(g.device, torch.float64)
+            scores[name] = (-sigma * ((g @ b_full.T) * u).sum(dim=0)).cpu()
+
+    stream.weight_gradients(windows, batch_size, project, progress=advance)
+    return {t.name: scores[t.name] for t in stream.targets}
 
 
 def zero_sum_ranks(budget: Budget, scores: Mapping[str, torch.Tensor],
@@ -149,18 +143,18 @@ class ZeroSumAllocator(Allocator):
     """ZS-SVD rank allocation (see the module docstring); needs the model and calibration data."""
 
     needs_model = True
+    streamed = True
     config: ZeroSumConfig
 
     def allocate_ranks(self, context: AllocationContext) -> Allocation:
-        if context.model is None or context.calibration is None:
+        if context.stream is None or context.calibration is None:
             raise ConfigError("zerosum needs the model and calibration data")
         budget, config = context.budget, self.config
         windows = select_windows(context.calibration, config.windows, context.seed)
-        batches = math.ceil(windows.shape[0] / config.batch_size)
         start = time.perf_counter()
-        with progress_bar("zerosum: loss gradients", total=batches, enabled=context.show_progress) as advance:
-            scores = component_scores(context.model, context.targets, context.spectra, windows, config.batch_size,
-                                      checkpointing=config.gradient_checkpointing, advance=advance)
+        with progress_bar("zerosum: forward, then backward, by block", total=2 * context.stream.blocks,
+                          enabled=context.show_progress) as advance:
+            scores = component_scores(context.stream, context.spectra, windows, config.batch_size, advance=advance)
         gradient_seconds = time.perf_counter() - start
         floors = {name: min(len(s), max(1, math.ceil(config.min_rank_ratio * budget.max_rank(name))))
                   for name, s in scores.items()}
@@ -174,7 +168,7 @@ class ZeroSumAllocator(Allocator):
             **selection,
             "predicted_loss_change": predicted_loss_change(scores, ranks),
             "negative_score_fraction": float((every < 0).double().mean()),
-            "backward_passes": batches,
+            "recomputed_batches_per_block": math.ceil(windows.shape[0] / config.batch_size),
             "seconds": {"gradients": gradient_seconds, "selection": time.perf_counter() - start},
         }
         return Allocation(ranks, info, priority)

@@ -1,0 +1,225 @@
+"""Gradients of the calibration loss at the dense model, with one decoder block resident at a time.
+
+A forward pass runs the blocks in order on the calibration windows and saves each block's input to a
+file (:class:`ActivationStore`). The loss is taken through the model's own final norm
+and head in chunks of tokens, so only one chunk's vocabulary-wide logits exist at a time (a 262k-word
+head makes them the largest tensor of the run). Then a reverse sweep brings each block back, from the
+last to the first, recomputes it from its saved input, and backpropagates the gradient arriving from
+above: the targets' weight gradients go to a callback, the input's gradient moves on to the block below.
+
+Peak memory: one block's weights and weight gradients, the saved inputs of one block with the
+gradients entering and leaving it (``3 x windows x seqlen x hidden``), one batch's autograd tensors
+inside the block, and one chunk of logits. Every other block's input waits in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from .calibration import BlockStream, block_output
+from .checkpoint import ResidentWeights, outer_modules
+from .targets import TargetModule, find_decoder_blocks
+
+LOGITS_BYTES = 256 * 2**20  # float32 logits of one chunk of tokens; the chunk's length follows from the vocabulary
+
+BlockGradients = Callable[[int, dict[str, torch.Tensor]], None]
+"""``on_block(index, {target name: dL/dW})``: called once per block, from the last block to the first."""
+
+
+class ActivationStore:
+    """Per-block lists of tensors (one per batch), written one file per block under ``folder``
+    (safetensors: no pickle) and read back once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, index: int, tensors: list[torch.Tensor]) -> None:
+        save_file({str(i): t.contiguous() for i, t in enumerate(tensors)}, self._file(index))
+
+    def take(self, index: int, device: torch.device) -> list[torch.Tensor]:
+        path = self._file(index)
+        loaded = load_file(path)
+        path.unlink()
+        return [loaded[str(i)].to(device) for i in range(len(loaded))]
+
+    def _file(self, index: int) -> Path:
+        return self.folder / f"block-{index:04d}.safetensors"
+
+
+class _Bypass(nn.Module):
+    """Stands in for a decoder block: hands its hidden states on unchanged (the head alone runs)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _blocks_bypassed(model: nn.Module) -> Iterator[None]:
+    _, blocks = find_decoder_blocks(model, with_linears=False)
+    originals = list(blocks)
+    for index in range(len(blocks)):
+        blocks[index] = _Bypass()
+    try:
+        yield
+    finally:
+        for index, block in enumerate(originals):
+            blocks[index] = block
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter asks for a gradient unless the sweep says so; the flags come back afterwards."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        yield
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags.get(name, True))
+
+
+def head_gradients(model: nn.Module, final_hidden: list[torch.Tensor], batches: list[torch.Tensor],
+                   chunk_tokens: int) -> tuple[float, list[torch.Tensor]]:
+    """The mean next-token cross-entropy over every window of ``batches`` given the last block's
+    outputs, and its gradient with respect to them. The model's own forward computes the logits (its
+    norm, head and any logit soft-capping), on ``inputs_embeds`` with every block bypassed, one chunk of
+    predicted positions at a time."""
+    device = final_hidden[0].device
+    total = sum(ids.shape[0] * (ids.shape[1] - 1) for ids in batches)
+    loss, gradients = 0.0, []
+    with _blocks_bypassed(model), torch.enable_grad():
+        for hidden, ids in zip(final_hidden, batches):
+            width = hidden.shape[-1]
+            flat = hidden[:, :-1].reshape(-1, width)
+            labels = ids[:, 1:].reshape(-1).to(device)
+            flat_gradient = torch.empty_like(flat)
+            for start in range(0, flat.shape[0], chunk_tokens):
+                piece = flat[start:start + chunk_tokens].detach().requires_grad_()
+                logits = model(inputs_embeds=piece.unsqueeze(0), use_cache=False).logits[0]
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                chunk_loss = F.cross_entropy(logits, labels[start:start + chunk_tokens], reduction="sum") / total
+                (flat_gradient[start:start + chunk_tokens],) = torch.autograd.grad(chunk_loss, piece)
+                loss += float(chunk_loss.detach())
+            gradient = torch.zeros_like(hidden)
+            gradient[:, :-1] = flat_gradient.view(hidden.shape[0], hidden.shape[1] - 1, width)
+            gradients.append(gradient)
+    return loss, gradients
+
+
+def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[TargetModule], windows: torch.Tensor,
+                     batch_size: int, on_block: BlockGradients, *, store_dir: Path | None = None,
+                     progress: Callable[..., None] | None = None) -> float:
+    """Backpropagate the mean next-token loss over ``windows`` (token ids, ``n x seqlen``) through the
+    model one block at a time (module docstring) and hand each block's target weight gradients to
+    ``on_block``. Gradients are summed over batches in at least float32. ``store_dir``: a folder for
+    the saved block inputs (None: a temporary folder). Returns the loss."""
+    stream = BlockStream(model, [], windows, batch_size, weights=weights)
+    prefix, blocks = find_decoder_blocks(model, with_linears=False)
+    with contextlib.ExitStack() as stack, _frozen(model):
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        if store_dir is None:
+            store_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rankcut-sweep-")))
+        store = ActivationStore(store_dir)
+        hidden, block_kwargs = stream.capture()
+        for index, block in enumerate(blocks):
+            store.put(index, hidden)
+            weights.onload([f"{prefix}.{index}"])
+            hidden = stream.forward_block(block, hidden, block_kwargs[index])
+            weights.offload([f"{prefix}.{index}"])
+            if progress is not None:
+                progress(1)
+        hidden = [h.clone() for h in hidden]  # out of inference mode, into autograd
+        head = outer_modules(model, prefix)  # the norm and head; the embeddings too, which a tied head shares
+        weights.onload(head)
+        try:
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+            vocabulary = model.get_output_embeddings().out_features
+            chunk = max(1, LOGITS_BYTES // (4 * vocabulary))
+            loss, upstream = head_gradients(model, hidden, stream.batches, chunk)
+        finally:
+            weights.offload(head)
+        del hidden
+        by_block: dict[int, list[TargetModule]] = {}
+        for target in targets:
+            by_block.setdefault(target.block, []).append(target)
+        for index in reversed(range(len(blocks))):
+            upstream = _backward_block(model, weights, f"{prefix}.{index}", blocks[index], store.take(index, stream.device),
+                                       block_kwargs[index], upstream, by_block.get(index, []), index > 0, on_block, index)
+            if progress is not None:
+                progress(1)
+    return loss
+
+
+def _backward_block(model: nn.Module, weights: ResidentWeights, name: str, block: nn.Module,
+                    inputs: list[torch.Tensor], kwargs: list[dict], upstream: list[torch.Tensor],
+                    targets: list[TargetModule], input_gradient: bool, on_block: BlockGradients,
+                    index: int) -> list[torch.Tensor]:
+    """Recompute one block from its saved inputs, batch by batch, and backpropagate ``upstream``."""
+    if not targets and not input_gradient:
+        return []
+    weights.onload([name])
+    try:
+        for parameter in block.parameters():
+            parameter.requires_grad_(False)
+        parameters = [model.get_submodule(t.name).weight for t in targets]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        sums: list[torch.Tensor] | None = None
+        downstream = []
+        with torch.enable_grad():
+            for hidden, kw, gradient in zip(inputs, kwargs, upstream):
+                hidden = hidden.detach().requires_grad_(input_gradient)
+                wanted = ([hidden] if input_gradient else []) + parameters
+                got = torch.autograd.grad(block_output(block(hidden, **kw)), wanted, grad_outputs=gradient)
+                if input_gradient:
+                    downstream.append(got[0])
+                    got = got[1:]
+                if sums is None:
+                    sums = [g.to(torch.promote_types(g.dtype, torch.float32)) for g in got]
+                else:
+                    for total, g in zip(sums, got):
+                        total += g
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        if targets:
+            on_block(index, {t.name: total for t, total in zip(targets, sums)})
+    finally:
+        weights.offload([name])
+    return downstream
+
+
+@dataclass
+class ModelStream:
+    """The dense model as allocators may run it: block by block, from wherever its weights live (a model
+    in memory, or a skeleton streamed from its checkpoint). ``store_dir`` holds the saved block inputs
+    (None: a temporary folder)."""
+
+    model: nn.Module
+    targets: list[TargetModule]
+    weights: ResidentWeights | None = None
+    store_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is None:
+            self.weights = ResidentWeights(self.model)
+
+    @property
+    def blocks(self) -> int:
+        return len(find_decoder_blocks(self.model, with_linears=False)[1])
+
+    def weight_gradients(self, windows: torch.Tensor, batch_size: int, on_block: BlockGradients,
+                         progress: Callable[..., None] | None = None) -> float:
+        """:func:`weight_gradients` of this model's targets; ``progress`` advances twice per block."""
+        return weight_gradients(self.model, self.weights, self.targets, windows, batch_size, on_block,
+                                store_dir=self.store_dir, progress=progress)
