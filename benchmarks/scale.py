@@ -165,7 +165,9 @@ def predict(cell: dict) -> tuple[int, int]:
 
 
 def render(results: Path = RESULTS, page: Path = PAGE) -> None:
-    cells = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    cells = [c for c in records if "allocation" not in c]
+    before = [c for c in records if "allocation" in c]  # recorded when the allocator loaded the whole model
     for cell in cells:
         cell["predicted_host_bytes"], cell["predicted_device_bytes"] = predict(cell)
     lines = ["# Results: memory and time of the streamed pipeline at scale", "",
@@ -198,6 +200,15 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
             for c in mine[1:]:
                 lines.append(f"| {suite} | {allocator} | {mine[0]['blocks']} -> {c['blocks']} | "
                              f"{(c['peak_rss_bytes'] - mine[0]['peak_rss_bytes']) / GiB:+.2f} |")
+    if before:
+        lines += ["", "## Before: zerosum and strs loaded the whole model to allocate", "",
+                  "Recorded with the same settings before their allocation was streamed (commit b566707): the peak "
+                  "grew with depth.", "", "| suite | blocks | allocator | peak GiB | wall s | allocate s |",
+                  "|---|---|---|---|---|---|"]
+        for c in sorted(before, key=lambda c: (c["suite"], c["allocator"], c["blocks"])):
+            lines.append(f"| {c['suite']} | {c['blocks']} | {c['allocator']} | {c['peak_rss_bytes'] / GiB:.2f} | "
+                         f"{c['wall_seconds']:.0f} | {c['timings'].get('allocate', 0.0):.0f} |")
+    lines += extrapolation(cells)
     lines += ["", "## Predictions for real models", "",
               "The estimator's figures (`rankcut compress --dry-run`) at 256 x 512 calibration tokens, keep 0.8: CPU "
               "in float32, one GPU in bfloat16 (host / device).", "",
@@ -210,6 +221,25 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
                          f"{gpu.device_bytes / GiB:.1f} | {cpu.disk_bytes / GiB:.0f} |")
     page.write_text("\n".join(lines) + "\n")
     print(page.read_text())
+
+
+def extrapolation(cells: list[dict]) -> list[str]:
+    """Each phase's time per block of the deepest width cell, times 32 blocks: a LLaMA-2-7B compression on
+    this machine, at the cell's calibration size."""
+    lines = []
+    for allocator in sorted({c["allocator"] for c in cells if c["suite"] == "width"}):
+        c = max((c for c in cells if c["suite"] == "width" and c["allocator"] == allocator), key=lambda c: c["blocks"])
+        if not lines:
+            lines = ["", "## Extrapolated: a 32-block LLaMA-2-7B on this machine", "",
+                     "Each phase's seconds per block in the deepest `width` cell, times 32 (every phase is one pass "
+                     "over the blocks), at that cell's calibration size; the embeddings and head add a few seconds.",
+                     "", "| allocator | from | calibrate + decompose h | allocate h | factorize h | total h |",
+                     "|---|---|---|---|---|---|"]
+        phases = [c["timings"].get(k, 0.0) / c["blocks"] * 32 / 3600
+                  for k in ("calibrate + decompose", "allocate", "factorize")]
+        lines.append(f"| {allocator} | {c['blocks']} blocks, {c['nsamples']} x {c['seqlen']} tokens, load "
+                     f"{c.get('load_before', 0):.1f} | " + " | ".join(f"{h:.1f}" for h in phases) + f" | {sum(phases):.1f} |")
+    return lines
 
 
 REAL_MODELS = {

@@ -10,7 +10,10 @@ from conftest import assert_budget_met
 from rankcut import CompressionConfig, compress
 from rankcut.allocation import AllocationContext, create_allocator
 from rankcut.allocation.spectral import language_model_loss
-from rankcut.allocation.strs import SensitivityRunner, StrsConfig, _write_cache, candidate_ranks, threshold_ranks
+from rankcut.allocation.spectral import spectral_view
+from rankcut.allocation.strs import StrsConfig, _write_cache, candidate_ranks, sensitivity_table, threshold_ranks
+from rankcut.evaluation.perplexity import window_nll
+from rankcut.sweep import ModelStream
 from rankcut.errors import ConfigError, RankcutError
 from rankcut.plan import DENSE, Budget
 
@@ -59,20 +62,31 @@ def context_for(trained, keep_ratio=0.6, factor_format="plain", seed=0, cache_di
 OPTIONS = {"windows": 4, "tokens": 24, "keep_ratios": [0.1, 0.3, 0.5, 0.7, 0.9]}
 
 
-def test_full_rank_equals_dense_and_the_prefix_replay_is_exact(trained):
+def brute_force_perplexity(model, targets, spectra, ids, name=None, rank=None) -> float:
+    """The whole model's perplexity on ``ids``, with module ``name`` truncated to ``rank`` (None: dense)."""
+    with torch.no_grad(), spectral_view(model, targets, spectra) as layers:
+        if name is not None:
+            layers[name].gate = torch.ones(rank)
+        nll = float(window_nll(model, ids).sum())
+    return math.exp(nll / (ids.shape[0] * (ids.shape[1] - 1)))
+
+
+def test_full_rank_equals_dense_and_each_probe_is_the_truncated_model(trained, tmp_path):
     model, targets, spectra, ids = trained
-    runner = SensitivityRunner(model, targets, spectra, ids[:4], batch_size=3)
-    full = runner.table({t.name: [min(t.shape)] for t in targets})
+    stream = ModelStream(model, targets, store_dir=tmp_path / "store")
+    dense, full = sensitivity_table(stream, spectra, ids[:4], 3, {t.name: [min(t.shape)] for t in targets})
+    assert dense == pytest.approx(brute_force_perplexity(model, targets, spectra, ids[:4]), rel=1e-5)
     for target in targets:
-        assert full[target.name][min(target.shape)] == pytest.approx(runner.dense_perplexity, rel=1e-5)
+        assert full[target.name][min(target.shape)] == pytest.approx(dense, rel=1e-5)
     some = {t.name: [2, 7] for t in targets[::5]}
-    replayed = runner.table(some)
-    recomputed = SensitivityRunner(model, targets, spectra, ids[:4], 3, reuse_prefix=False).table(some)
+    _, table = sensitivity_table(stream, spectra, ids[:4], 3, some)
+    assert table.keys() == some.keys()
     for name in some:
         for rank in (2, 7):
-            assert replayed[name][rank] == pytest.approx(recomputed[name][rank], rel=1e-6)
-            assert replayed[name][rank] != pytest.approx(runner.dense_perplexity, rel=1e-6)  # truncation is seen
-    assert runner.evaluations == len(targets) + 2 * len(some)
+            assert table[name][rank] == pytest.approx(brute_force_perplexity(model, targets, spectra, ids[:4], name, rank),
+                                                      rel=1e-5)
+            assert table[name][rank] != pytest.approx(dense, rel=1e-6)  # truncation is seen
+    assert not list((tmp_path / "store").iterdir())  # every probe's activations were read back and deleted
 
 
 def test_sensitivity_trend_on_a_trained_model(trained):
@@ -82,14 +96,14 @@ def test_sensitivity_trend_on_a_trained_model(trained):
     model, targets, spectra, ids = trained
     context = context_for(trained)
     candidates = candidate_ranks(context.budget, OPTIONS["keep_ratios"])
-    runner = SensitivityRunner(model, targets, spectra, ids[:4], 2)
-    table = runner.table({name: sorted(c.values()) for name, c in candidates.items()})
+    dense, table = sensitivity_table(ModelStream(model, targets), spectra, ids[:4], 2,
+                                     {name: sorted(c.values()) for name, c in candidates.items()})
     curves = torch.tensor([[math.log(p) for _, p in sorted(table[t.name].items())] for t in targets])
     mean = curves.mean(dim=0)
     assert mean[0] > mean[-1] + 0.02
     worst = curves[curves[:, 0].argmax()]
     assert (worst.diff() <= 0).all()
-    assert worst[0] > math.log(runner.dense_perplexity) + 0.1
+    assert worst[0] > math.log(dense) + 0.1
 
 
 def test_threshold_search_on_a_worked_table():
@@ -197,16 +211,15 @@ def test_needs_model_and_data():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_prefix_replay_on_every_architecture(arch):
-    """The replayed blocks stand in for any decoder block (masks, rotary, Gemma's layer types)."""
+def test_probes_are_the_truncated_model_on_every_architecture(arch):
+    """Probes start at their block from the dense inputs on any decoder block (masks, rotary, Gemma's
+    layer types), and the model's own head scores them."""
     ids = calibration_ids(4, 16, seed=5)
     model = tiny_model(arch)
     targets, spectra = spectra_of(model, ids)
-    last = [t for t in targets if t.block == targets[-1].block][:2]
-    wanted = {t.name: [3, min(t.shape)] for t in last}
-    replayed = SensitivityRunner(model, targets, spectra, ids, 2)
-    recomputed = SensitivityRunner(model, targets, spectra, ids, 2, reuse_prefix=False)
-    a, b = replayed.table(wanted), recomputed.table(wanted)
-    for target in last:
-        assert a[target.name] == pytest.approx(b[target.name], rel=1e-6)
-        assert a[target.name][min(target.shape)] == pytest.approx(replayed.dense_perplexity, rel=1e-5)
+    chosen = [t for t in targets if t.block == targets[-1].block][:2] + [targets[1]]
+    dense, table = sensitivity_table(ModelStream(model, targets), spectra, ids, 2, {t.name: [3] for t in chosen})
+    assert dense == pytest.approx(brute_force_perplexity(model, targets, spectra, ids), rel=1e-5)
+    for target in chosen:
+        assert table[target.name][3] == pytest.approx(brute_force_perplexity(model, targets, spectra, ids, target.name, 3),
+                                                      rel=1e-5)

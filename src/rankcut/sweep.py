@@ -1,4 +1,5 @@
-"""Gradients of the calibration loss at the dense model, with one decoder block resident at a time.
+"""The dense model run block by block for the allocators, with one decoder block resident at a time:
+gradients of the calibration loss (zerosum), and the loss of many one-block changes in one pass (strs).
 
 A forward pass runs the blocks in order on the calibration windows and saves each block's input to a
 file (:class:`ActivationStore`). The loss is taken through the model's own final norm
@@ -10,6 +11,10 @@ above: the targets' weight gradients go to a callback, the input's gradient move
 Peak memory: one block's weights and weight gradients, the saved inputs of one block with the
 gradients entering and leaving it (``3 x windows x seqlen x hidden``), one batch's autograd tensors
 inside the block, and one chunk of logits. Every other block's input waits in the store.
+
+:func:`probe_losses` measures the loss of the model with one block changed (one module truncated), for
+many such probes at once: every block is loaded once, and runs the dense activations and those of every
+probe started below it, which wait in the store between blocks.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Hashable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .calibration import BlockStream, block_output
-from .checkpoint import ResidentWeights, outer_modules
+from .checkpoint import ResidentWeights, outer_modules, tensor_names
 from .targets import TargetModule, find_decoder_blocks
 
 LOGITS_BYTES = 256 * 2**20  # float32 logits of one chunk of tokens; the chunk's length follows from the vocabulary
@@ -34,26 +39,38 @@ LOGITS_BYTES = 256 * 2**20  # float32 logits of one chunk of tokens; the chunk's
 BlockGradients = Callable[[int, dict[str, torch.Tensor]], None]
 """``on_block(index, {target name: dL/dW})``: called once per block, from the last block to the first."""
 
+Probes = Callable[[int, nn.Module], Iterator[Hashable]]
+"""``probes(index, block)``: for each probe that starts at block ``index``, change the block (truncate
+one of its modules), yield the probe's key, and undo the change when resumed; the block runs on the
+dense model's inputs while the generator waits."""
+
 
 class ActivationStore:
-    """Per-block lists of tensors (one per batch), written one file per block under ``folder``
-    (safetensors: no pickle) and read back once."""
+    """Named tensors under integer keys, written one safetensors file per key under ``folder`` (no
+    pickle) and read back once: what waits on disk while another block is resident."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
 
-    def put(self, index: int, tensors: list[torch.Tensor]) -> None:
-        save_file({str(i): t.contiguous() for i, t in enumerate(tensors)}, self._file(index))
+    def put(self, key: int, tensors: dict[str, torch.Tensor]) -> None:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, self._file(key))
 
-    def take(self, index: int, device: torch.device) -> list[torch.Tensor]:
-        path = self._file(index)
+    def take(self, key: int, device: torch.device) -> dict[str, torch.Tensor]:
+        path = self._file(key)
         loaded = load_file(path)
         path.unlink()
-        return [loaded[str(i)].to(device) for i in range(len(loaded))]
+        return {name: t.to(device) for name, t in loaded.items()}
 
-    def _file(self, index: int) -> Path:
-        return self.folder / f"block-{index:04d}.safetensors"
+    def put_batches(self, key: int, tensors: list[torch.Tensor]) -> None:
+        self.put(key, {str(i): t for i, t in enumerate(tensors)})
+
+    def take_batches(self, key: int, device: torch.device) -> list[torch.Tensor]:
+        loaded = self.take(key, device)
+        return [loaded[str(i)] for i in range(len(loaded))]
+
+    def _file(self, key: int) -> Path:
+        return self.folder / f"{key:04d}.safetensors"
 
 
 class _Bypass(nn.Module):
@@ -87,32 +104,38 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flags.get(name, True))
 
 
-def head_gradients(model: nn.Module, final_hidden: list[torch.Tensor], batches: list[torch.Tensor],
-                   chunk_tokens: int) -> tuple[float, list[torch.Tensor]]:
+def head_loss(model: nn.Module, final_hidden: list[torch.Tensor], batches: list[torch.Tensor], chunk_tokens: int,
+              *, with_gradients: bool = False) -> tuple[float, list[torch.Tensor]]:
     """The mean next-token cross-entropy over every window of ``batches`` given the last block's
-    outputs, and its gradient with respect to them. The model's own forward computes the logits (its
-    norm, head and any logit soft-capping), on ``inputs_embeds`` with every block bypassed, one chunk of
-    predicted positions at a time."""
+    outputs and, ``with_gradients``, its gradient with respect to them (else an empty list). The model's
+    own forward computes the logits (its norm, head and any logit soft-capping) on ``inputs_embeds``
+    with every block bypassed, one chunk of predicted positions at a time."""
     device = final_hidden[0].device
     total = sum(ids.shape[0] * (ids.shape[1] - 1) for ids in batches)
     loss, gradients = 0.0, []
-    with _blocks_bypassed(model), torch.enable_grad():
+    with _blocks_bypassed(model), torch.set_grad_enabled(with_gradients):
         for hidden, ids in zip(final_hidden, batches):
             width = hidden.shape[-1]
             flat = hidden[:, :-1].reshape(-1, width)
             labels = ids[:, 1:].reshape(-1).to(device)
-            flat_gradient = torch.empty_like(flat)
+            flat_gradient = torch.empty_like(flat) if with_gradients else None
             for start in range(0, flat.shape[0], chunk_tokens):
-                piece = flat[start:start + chunk_tokens].detach().requires_grad_()
+                piece = flat[start:start + chunk_tokens].detach().requires_grad_(with_gradients)
                 logits = model(inputs_embeds=piece.unsqueeze(0), use_cache=False).logits[0]
                 logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
                 chunk_loss = F.cross_entropy(logits, labels[start:start + chunk_tokens], reduction="sum") / total
-                (flat_gradient[start:start + chunk_tokens],) = torch.autograd.grad(chunk_loss, piece)
+                if with_gradients:
+                    (flat_gradient[start:start + chunk_tokens],) = torch.autograd.grad(chunk_loss, piece)
                 loss += float(chunk_loss.detach())
-            gradient = torch.zeros_like(hidden)
-            gradient[:, :-1] = flat_gradient.view(hidden.shape[0], hidden.shape[1] - 1, width)
-            gradients.append(gradient)
+            if with_gradients:
+                gradient = torch.zeros_like(hidden)
+                gradient[:, :-1] = flat_gradient.view(hidden.shape[0], hidden.shape[1] - 1, width)
+                gradients.append(gradient)
     return loss, gradients
+
+
+def _chunk_tokens(model: nn.Module) -> int:
+    return max(1, LOGITS_BYTES // (4 * model.get_output_embeddings().out_features))
 
 
 def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[TargetModule], windows: torch.Tensor,
@@ -132,7 +155,7 @@ def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[T
         store = ActivationStore(store_dir)
         hidden, block_kwargs = stream.capture()
         for index, block in enumerate(blocks):
-            store.put(index, hidden)
+            store.put_batches(index, hidden)
             weights.onload([f"{prefix}.{index}"])
             hidden = stream.forward_block(block, hidden, block_kwargs[index])
             weights.offload([f"{prefix}.{index}"])
@@ -144,9 +167,7 @@ def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[T
         try:
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
-            vocabulary = model.get_output_embeddings().out_features
-            chunk = max(1, LOGITS_BYTES // (4 * vocabulary))
-            loss, upstream = head_gradients(model, hidden, stream.batches, chunk)
+            loss, upstream = head_loss(model, hidden, stream.batches, _chunk_tokens(model), with_gradients=True)
         finally:
             weights.offload(head)
         del hidden
@@ -154,11 +175,64 @@ def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[T
         for target in targets:
             by_block.setdefault(target.block, []).append(target)
         for index in reversed(range(len(blocks))):
-            upstream = _backward_block(model, weights, f"{prefix}.{index}", blocks[index], store.take(index, stream.device),
+            upstream = _backward_block(model, weights, f"{prefix}.{index}", blocks[index], store.take_batches(index, stream.device),
                                        block_kwargs[index], upstream, by_block.get(index, []), index > 0, on_block, index)
             if progress is not None:
                 progress(1)
     return loss
+
+
+def probe_losses(model: nn.Module, weights: ResidentWeights, windows: torch.Tensor, batch_size: int,
+                 probes: Probes, *, store_dir: Path | None = None,
+                 progress: Callable[..., None] | None = None) -> tuple[float, dict[Hashable, float]]:
+    """The mean next-token loss over ``windows`` of the dense model and of every probe (see
+    :data:`Probes`), in one pass over the blocks (module docstring). A probe's blocks below its own
+    give the dense outputs exactly, so they are not run again. ``progress`` advances once per block
+    and once for the head."""
+    stream = BlockStream(model, [], windows, batch_size, weights=weights)
+    prefix, blocks = find_decoder_blocks(model, with_linears=False)
+    started: dict[int, list[Hashable]] = {}  # block -> keys of the probes that started there
+    with contextlib.ExitStack() as stack:
+        if store_dir is None:
+            store_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rankcut-probes-")))
+        store = ActivationStore(store_dir)
+        dense, block_kwargs = stream.capture()
+        batches = range(len(dense))
+        for index, block in enumerate(blocks):
+            weights.onload([f"{prefix}.{index}"])
+            try:
+                kwargs = block_kwargs[index]
+                for origin, keys in started.items():
+                    states = store.take(origin, stream.device)
+                    store.put(origin, {f"{p}.{b}": out for p in range(len(keys)) for b, out in enumerate(
+                        stream.forward_block(block, [states[f"{p}.{b}"] for b in batches], kwargs))})
+                here: dict[str, torch.Tensor] = {}
+                for position, key in enumerate(probes(index, block)):
+                    outputs = stream.forward_block(block, dense, kwargs)
+                    here.update({f"{position}.{b}": out for b, out in enumerate(outputs)})
+                    started.setdefault(index, []).append(key)
+                if here:
+                    store.put(index, here)
+                dense = stream.forward_block(block, dense, kwargs)
+            finally:
+                weights.offload([f"{prefix}.{index}"])
+            if progress is not None:
+                progress(1)
+        head = outer_modules(model, prefix)
+        weights.onload(head)
+        try:
+            chunk = _chunk_tokens(model)
+            dense_loss, _ = head_loss(model, dense, stream.batches, chunk)
+            losses = {}
+            for origin, keys in started.items():
+                states = store.take(origin, stream.device)
+                for position, key in enumerate(keys):
+                    losses[key], _ = head_loss(model, [states[f"{position}.{b}"] for b in batches], stream.batches, chunk)
+        finally:
+            weights.offload(head)
+        if progress is not None:
+            progress(1)
+    return dense_loss, losses
 
 
 def _backward_block(model: nn.Module, weights: ResidentWeights, name: str, block: nn.Module,
@@ -218,8 +292,18 @@ class ModelStream:
     def blocks(self) -> int:
         return len(find_decoder_blocks(self.model, with_linears=False)[1])
 
+    def tensor_names(self) -> list[str]:
+        """Every stored tensor of the model; read one with ``weights.tensor(name)``."""
+        return tensor_names(self.model, "")
+
     def weight_gradients(self, windows: torch.Tensor, batch_size: int, on_block: BlockGradients,
                          progress: Callable[..., None] | None = None) -> float:
         """:func:`weight_gradients` of this model's targets; ``progress`` advances twice per block."""
         return weight_gradients(self.model, self.weights, self.targets, windows, batch_size, on_block,
                                 store_dir=self.store_dir, progress=progress)
+
+    def probe_losses(self, windows: torch.Tensor, batch_size: int, probes: Probes,
+                     progress: Callable[..., None] | None = None) -> tuple[float, dict[Hashable, float]]:
+        """:func:`probe_losses` on this model."""
+        return probe_losses(self.model, self.weights, windows, batch_size, probes, store_dir=self.store_dir,
+                            progress=progress)

@@ -4,20 +4,22 @@
    others stay dense) to the rank whose cost is that fraction of its dense parameters, and measure
    the perplexity on a few calibration windows. Truncation runs through :func:`spectral_view` with a
    hard prefix gate, so no weights are rebuilt. Ours: a module in block ``l`` only changes blocks
-   ``l..L−1``, so blocks before it replay their recorded dense outputs (``reuse_prefix``; exact).
+   ``l..L−1``, so each probe starts from the dense inputs of its block, and all probes run in one
+   streamed pass over the blocks (:meth:`ModelStream.probe_losses`): every block is loaded once, and
+   the probes' activations wait on disk between blocks.
 2. **Search.** For a perplexity threshold ``τ`` every module takes its smallest candidate ratio whose
    perplexity is ``≤ τ`` (dense if none); the cost falls as ``τ`` rises, so a binary search over the
    measured perplexities finds the smallest ``τ`` whose plan fits the budget (ASVD sorts the same
    table). :meth:`Budget.fill` then spends the remainder along each module's interpolated
    sensitivity curve (ours; ASVD has no fill).
 
-The sensitivity table is the expensive part (``modules x ratios`` forward passes over the windows);
-it is cached as JSON in ``context.cache_dir`` under a hash of everything it depends on.
+The sensitivity table is the expensive part (``modules x ratios`` probes, each run from its block to
+the head: quadratic in depth); it is cached as JSON in ``context.cache_dir`` under a hash of what it
+depends on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -32,18 +34,17 @@ from torch import nn
 
 from ..decomposition import Spectrum
 from ..errors import ConfigError
-from ..evaluation.perplexity import window_nll
 from ..plan import DENSE, Budget, Rank
 from ..progress import progress_bar
 from ..registry import PluginConfig
-from ..targets import TargetModule, find_decoder_blocks
+from ..sweep import ModelStream
 from ..workdir import write_json
 from .base import ALLOCATORS, Allocation, AllocationContext, Allocator, Priority
 from .baselines import uniform_rank
 from .spectral import spectral_view
 from .zerosum import select_windows
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: tables measured by the streamed pass
 
 
 @dataclass
@@ -52,7 +53,6 @@ class StrsConfig(PluginConfig):
     windows: int = 2  # calibration windows for the perplexity (ASVD: 32 x 2048 on a GPU)
     tokens: int | None = 256  # tokens per window (first ones of each row; None: the whole row)
     batch_size: int = 2
-    reuse_prefix: bool = True  # replay dense outputs of the blocks before the truncated module
     use_cache: bool = True  # reuse a matching cached table (one is written whenever cache_dir is set)
 
     def __post_init__(self) -> None:
@@ -77,95 +77,29 @@ class StrsConfig(PluginConfig):
             raise ConfigError(f"strs batch_size must be >= 1, got {self.batch_size}")
 
 
-class _Replay(nn.Module):
-    """Stands in for a decoder block before the truncated one: returns the recorded dense output of
-    the last such block, whatever it is given (attributes still resolve to the real block)."""
+def sensitivity_table(stream: ModelStream, spectra: Mapping[str, Spectrum], windows: torch.Tensor, batch_size: int,
+                      wanted: Mapping[str, list[int]], advance: Callable[..., None] | None = None
+                      ) -> tuple[float, dict[str, dict[int, float]]]:
+    """The dense perplexity on ``windows`` and the perplexity with each listed module alone truncated
+    to each of its ranks in ``wanted``, in one streamed pass."""
 
-    def __init__(self, inner: nn.Module, recorded: dict[str, Any]) -> None:
-        super().__init__()
-        self.inner, self.recorded = inner, recorded
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
-    def forward(self, *args, **kwargs):
-        return self.recorded["output"]
-
-
-class SensitivityRunner:
-    """Perplexity of the model on fixed windows with at most one module truncated."""
-
-    def __init__(self, model: nn.Module, targets: list[TargetModule], spectra: Mapping[str, Spectrum],
-                 windows: torch.Tensor, batch_size: int, reuse_prefix: bool = True) -> None:
-        self.model, self.targets, self.spectra = model, targets, spectra
-        self.batches = list(windows.split(batch_size))
-        self.tokens = windows.shape[0] * (windows.shape[1] - 1)  # predicted positions
-        self.reuse_prefix = reuse_prefix
-        self.blocks = find_decoder_blocks(model)[1]
-        self.outputs: list[list[Any]] = []  # batch -> dense output of every block
-        self.evaluations = 0
-        self.dense_perplexity = self._dense()
-
-    @torch.inference_mode()
-    def _dense(self) -> float:
-        """Dense perplexity; records every block's output per batch for the prefix replay."""
-        current: list[Any] = []
-        hooks = [block.register_forward_hook(lambda _m, _i, output: current.append(output)) for block in self.blocks]
-        total = 0.0
-        try:
-            for batch in self.batches:
-                current = []
-                total += float(window_nll(self.model, batch).sum())
-                if self.reuse_prefix:
-                    self.outputs.append(current)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return _perplexity(total / self.tokens)
-
-    @contextlib.contextmanager
-    def _from_block(self, index: int, recorded: dict[str, Any]) -> Iterator[None]:
-        if not self.reuse_prefix or index == 0:
-            yield
+    def probes(index: int, _block: nn.Module) -> Iterator[tuple[str, int]]:
+        truncated = [t for t in stream.targets if t.block == index and wanted.get(t.name)]
+        if not truncated:
             return
-        originals = [self.blocks[i] for i in range(index)]
-        for i, block in enumerate(originals):
-            self.blocks[i] = _Replay(block, recorded)
-        try:
-            yield
-        finally:
-            for i, block in enumerate(originals):
-                self.blocks[i] = block
+        with spectral_view(stream.model, truncated, spectra) as layers:
+            for target in truncated:
+                layer = layers[target.name]
+                for rank in wanted[target.name]:
+                    layer.gate = torch.ones(rank, device=layer.b_full.device)
+                    yield target.name, rank
+                layer.gate = None
 
-    @torch.inference_mode()
-    def table(self, candidates: Mapping[str, list[int]],
-              advance: Callable[..., None] | None = None) -> dict[str, dict[int, float]]:
-        """Perplexity with each listed module alone truncated to each of its candidate ranks."""
-        out: dict[str, dict[int, float]] = {}
-        named = [t for t in self.targets if candidates.get(t.name)]
-        with spectral_view(self.model, self.targets, self.spectra) as layers:
-            for block in sorted({t.block for t in named}):
-                recorded: dict[str, Any] = {}
-                with self._from_block(block, recorded):
-                    for target in (t for t in named if t.block == block):
-                        layer = layers[target.name]
-                        out[target.name] = {}
-                        for rank in candidates[target.name]:
-                            layer.gate = torch.ones(rank, device=layer.b_full.device)
-                            total = 0.0
-                            for b, batch in enumerate(self.batches):
-                                if self.reuse_prefix and block > 0:
-                                    recorded["output"] = self.outputs[b][block - 1]
-                                total += float(window_nll(self.model, batch).sum())
-                            layer.gate = None
-                            out[target.name][rank] = _perplexity(total / self.tokens)
-                            self.evaluations += 1
-                            if advance is not None:
-                                advance(ppl=out[target.name][rank])
-        return out
+    dense, losses = stream.probe_losses(windows, batch_size, probes, progress=advance)
+    table: dict[str, dict[int, float]] = {}
+    for (name, rank), loss in losses.items():
+        table.setdefault(name, {})[rank] = _perplexity(loss)
+    return _perplexity(dense), table
 
 
 def _perplexity(mean_nll: float) -> float:
@@ -218,21 +152,23 @@ def fingerprint(tensor: torch.Tensor, samples: int = 4096) -> bytes:
     return flat[::step][:samples].double().cpu().numpy().tobytes()
 
 
-def cache_key(model: nn.Module, spectra: Mapping[str, Spectrum], windows: torch.Tensor,
+def cache_key(stream: ModelStream, spectra: Mapping[str, Spectrum], windows: torch.Tensor,
               candidates: Mapping[str, Mapping[float, int]], config: StrsConfig) -> str:
-    """Hash of what the sensitivity table depends on: model config and weights, calibration windows,
-    whitened spectra, candidate ranks (hence ratios, shapes, factor format)."""
+    """Hash of what the sensitivity table depends on: model config and weights (a sample of every
+    tensor, read one at a time), calibration windows, whitened singular values, candidate ranks (hence
+    ratios, shapes, factor format)."""
+    model = stream.model
     digest = hashlib.sha256()
     model_config = model.config.to_dict() if hasattr(model, "config") else type(model).__name__
     settings = {"version": CACHE_VERSION, "model": model_config, "windows": list(windows.shape),
                 "keep_ratios": sorted(config.keep_ratios),
                 "candidates": {name: sorted(c.values()) for name, c in candidates.items()}}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for name, parameter in model.named_parameters():
-        digest.update(name.encode() + fingerprint(parameter))
+    for name in stream.tensor_names():
+        digest.update(name.encode() + fingerprint(stream.weights.tensor(name)))
     digest.update(windows.to(torch.int64).cpu().numpy().tobytes())
     for name in sorted(spectra):
-        digest.update(name.encode() + fingerprint(spectra[name].sigma) + fingerprint(spectra[name].b_full))
+        digest.update(name.encode() + fingerprint(spectra[name].sigma))
     return digest.hexdigest()
 
 
@@ -279,10 +215,11 @@ class StrsAllocator(Allocator):
     """ASVD's sensitivity-based truncation rank search (see the module docstring)."""
 
     needs_model = True
+    streamed = True
     config: StrsConfig
 
     def allocate_ranks(self, context: AllocationContext) -> Allocation:
-        if context.model is None or context.calibration is None:
+        if context.stream is None or context.calibration is None:
             raise ConfigError("strs needs the model and calibration data")
         budget, config = context.budget, self.config
         windows = select_windows(context.calibration, config.windows, context.seed)
@@ -316,19 +253,18 @@ class StrsAllocator(Allocator):
         """The perplexity table (module -> rank -> perplexity) and the dense perplexity, from the cache
         when it matches, else measured (and cached); also the cache path and the number of evaluations
         (None: cache hit)."""
-        key = cache_key(context.model, context.spectra, windows, candidates, self.config)
+        key = cache_key(context.stream, context.spectra, windows, candidates, self.config)
         path = context.cache_dir / f"strs-{key[:24]}.json" if context.cache_dir is not None else None
         cached = _read_cache(path, key) if path is not None and self.config.use_cache else None
         evaluations = None
         if cached is None:
-            runner = SensitivityRunner(context.model, context.targets, context.spectra, windows,
-                                       self.config.batch_size, self.config.reuse_prefix)
             wanted = {name: sorted(set(by_ratio.values())) for name, by_ratio in candidates.items()}
-            total = sum(len(ranks) for ranks in wanted.values())
-            with progress_bar("strs: sensitivity", total=total, enabled=context.show_progress) as advance:
-                measured = runner.table(wanted, advance)
-            evaluations = runner.evaluations
-            cached = {"key": key, "dense_perplexity": runner.dense_perplexity,
+            evaluations = sum(len(ranks) for ranks in wanted.values())
+            with progress_bar("strs: sensitivity, by block", total=context.stream.blocks + 1,
+                              enabled=context.show_progress) as advance:
+                dense_perplexity, measured = sensitivity_table(context.stream, context.spectra, windows,
+                                                               self.config.batch_size, wanted, advance)
+            cached = {"key": key, "dense_perplexity": dense_perplexity,
                       "table": {name: {str(k): ppl for k, ppl in by_rank.items()} for name, by_rank in measured.items()}}
             if path is not None:
                 _write_cache(path, cached)
