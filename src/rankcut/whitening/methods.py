@@ -81,12 +81,14 @@ class CholeskyWhitener(Whitener):
         scale = float(gram.diagonal().mean())
         if scale <= 0:
             raise FactorizationError(f"input Gram of {statistics.modules} is zero: the modules never saw a non-zero input")
-        identity = torch.eye(gram.shape[0], dtype=gram.dtype)
         relative = self.config.damping
         attempts = 0
         while relative <= self.config.max_damping * (1 + 1e-9):
             attempts += 1
-            lower, info = torch.linalg.cholesky_ex(gram + relative * scale * identity)
+            damped = gram.clone()  # C + λI without an n x n identity: one Gram-sized copy, not two
+            damped.diagonal().add_(relative * scale)
+            lower, info = torch.linalg.cholesky_ex(damped)
+            del damped
             if int(info) == 0:
                 diagonal = lower.diagonal().abs()
                 return CholeskyWhitening(
