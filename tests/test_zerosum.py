@@ -138,7 +138,7 @@ def test_compress_end_to_end(monkeypatch, tmp_path):
         assert torch.isfinite(compressed(ids[:2]).logits).all()
 
 
-@pytest.mark.parametrize("options", [{"windows": 0}, {"batch_size": 0}, {"min_rank_ratio": 1.5},
+@pytest.mark.parametrize("options", [{"windows": 0}, {"batch_size": 0}, {"min_rank_ratio": 1.5}, {"stages": 0}, {"stages": "two"},
                                      {"min_rank_ratio": -0.1}, {"correction": True}, {"windows": "many"}])
 def test_bad_options_raise(options):
     with pytest.raises(ConfigError):
@@ -166,3 +166,58 @@ def test_scores_match_the_formula_on_every_architecture(arch):
         s = spectra[target.name]
         expected = -s.sigma * ((s.u.double().T @ grad) * s.b_full.double()).sum(dim=1)
         torch.testing.assert_close(scores[target.name], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
+def gate_gradients(model, targets, spectra, ids, ranks):
+    """∂L/∂g at the hard prefix gates of ``ranks`` (dense where absent), by autograd through the gates."""
+    with spectral_view(model, targets, spectra) as layers:
+        gates = {}
+        for name, layer in layers.items():
+            gate = torch.zeros(layer.full_rank, dtype=torch.float64)
+            gate[: ranks.get(name, layer.full_rank)] = 1.0
+            gates[name] = gate.requires_grad_()
+            layer.gate = gates[name]
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        return dict(zip(gates, torch.autograd.grad(loss, list(gates.values()))))
+
+
+def test_scores_at_a_truncated_plan_are_the_gate_derivatives_there(setup64):
+    """Later stages score at the plan so far: every component's score, kept or removed, is −∂L/∂g_i at
+    that plan's hard gates."""
+    model, targets, spectra, ids = setup64
+    ranks = {t.name: max(1, min(t.shape) // (2 + i % 3)) for i, t in enumerate(targets) if i % 2 == 0}
+    scores = component_scores(ModelStream(model, targets), spectra, ids, batch_size=4, ranks=ranks)
+    expected = gate_gradients(model, targets, spectra, ids, ranks)
+    for target in targets:
+        want = -expected[target.name]
+        torch.testing.assert_close(scores[target.name], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    dense = component_scores(ModelStream(model, targets), spectra, ids, batch_size=4)
+    assert not torch.allclose(dense[targets[-1].name], scores[targets[-1].name])  # the plan moved the scores
+    assert all(type(model.get_submodule(t.name)).__name__ == "Linear" for t in targets)
+    before = gate_gradients(model, targets, spectra, ids, {})
+    torch.testing.assert_close(-before[targets[0].name], dense[targets[0].name], rtol=1e-4,
+                               atol=1e-6 * float(before[targets[0].name].abs().max()))  # weights restored
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_stages_meet_the_budget_and_record_each_share(stages):
+    ids = calibration_ids(8, 24, seed=2)
+    model = tiny_model()
+    targets, spectra = spectra_of(model, ids)
+    budget = Budget({t.name: t.shape for t in targets}, 0.55, "pivga")
+    context = AllocationContext(budget, targets, spectra, model, ids, seed=3, show_progress=False)
+    plan = create_allocator("zerosum", {"windows": 4, "batch_size": 2, "stages": stages}).allocate(context)
+    assert_budget_met(plan.ranks, plan.budget)
+    shares = [stage["target"] for stage in plan.info["stages"]]
+    assert len(shares) == stages and shares[-1] == budget.target and shares == sorted(shares, reverse=True)
+
+
+def test_more_stages_change_the_plan():
+    ids = calibration_ids(8, 24, seed=2)
+    model = tiny_model()
+    targets, spectra = spectra_of(model, ids)
+    budget = Budget({t.name: t.shape for t in targets}, 0.5, "pivga")
+    context = AllocationContext(budget, targets, spectra, model, ids, seed=3, show_progress=False)
+    one, four = (create_allocator("zerosum", {"windows": 4, "stages": n}).allocate(context) for n in (1, 4))
+    assert one.ranks != four.ranks

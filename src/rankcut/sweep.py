@@ -39,6 +39,10 @@ LOGITS_BYTES = 256 * 2**20  # float32 logits of one chunk of tokens; the chunk's
 BlockGradients = Callable[[int, dict[str, torch.Tensor]], None]
 """``on_block(index, {target name: dL/dW})``: called once per block, from the last block to the first."""
 
+BlockChange = Callable[[int, nn.Module], contextlib.AbstractContextManager]
+"""``change(index, block)``: a context within which block ``index`` (resident) runs changed, for
+example with truncated weights; the sweep enters it around every run of the block."""
+
 Probes = Callable[[int, nn.Module], Iterator[Hashable]]
 """``probes(index, block)``: for each probe that starts at block ``index``, change the block (truncate
 one of its modules), yield the probe's key, and undo the change when resumed; the block runs on the
@@ -140,11 +144,13 @@ def _chunk_tokens(model: nn.Module) -> int:
 
 def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[TargetModule], windows: torch.Tensor,
                      batch_size: int, on_block: BlockGradients, *, store_dir: Path | None = None,
-                     progress: Callable[..., None] | None = None) -> float:
+                     change: BlockChange | None = None, progress: Callable[..., None] | None = None) -> float:
     """Backpropagate the mean next-token loss over ``windows`` (token ids, ``n x seqlen``) through the
     model one block at a time (module docstring) and hand each block's target weight gradients to
     ``on_block``. Gradients are summed over batches in at least float32. ``store_dir``: a folder for
-    the saved block inputs (None: a temporary folder). Returns the loss."""
+    the saved block inputs (None: a temporary folder). ``change`` runs each block changed (the
+    gradients are then those of the changed model, with respect to its weights). Returns the loss."""
+    change = change or (lambda _index, _block: contextlib.nullcontext())
     stream = BlockStream(model, [], windows, batch_size, weights=weights)
     prefix, blocks = find_decoder_blocks(model, with_linears=False)
     with contextlib.ExitStack() as stack, _frozen(model):
@@ -157,7 +163,8 @@ def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[T
         for index, block in enumerate(blocks):
             store.put_batches(index, hidden)
             weights.onload([f"{prefix}.{index}"])
-            hidden = stream.forward_block(block, hidden, block_kwargs[index])
+            with change(index, block):
+                hidden = stream.forward_block(block, hidden, block_kwargs[index])
             weights.offload([f"{prefix}.{index}"])
             if progress is not None:
                 progress(1)
@@ -176,7 +183,8 @@ def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[T
             by_block.setdefault(target.block, []).append(target)
         for index in reversed(range(len(blocks))):
             upstream = _backward_block(model, weights, f"{prefix}.{index}", blocks[index], store.take_batches(index, stream.device),
-                                       block_kwargs[index], upstream, by_block.get(index, []), index > 0, on_block, index)
+                                       block_kwargs[index], upstream, by_block.get(index, []), index > 0, on_block, index,
+                                       change)
             if progress is not None:
                 progress(1)
     return loss
@@ -238,7 +246,7 @@ def probe_losses(model: nn.Module, weights: ResidentWeights, windows: torch.Tens
 def _backward_block(model: nn.Module, weights: ResidentWeights, name: str, block: nn.Module,
                     inputs: list[torch.Tensor], kwargs: list[dict], upstream: list[torch.Tensor],
                     targets: list[TargetModule], input_gradient: bool, on_block: BlockGradients,
-                    index: int) -> list[torch.Tensor]:
+                    index: int, change: BlockChange) -> list[torch.Tensor]:
     """Recompute one block from its saved inputs, batch by batch, and backpropagate ``upstream``."""
     if not targets and not input_gradient:
         return []
@@ -251,7 +259,7 @@ def _backward_block(model: nn.Module, weights: ResidentWeights, name: str, block
             parameter.requires_grad_(True)
         sums: list[torch.Tensor] | None = None
         downstream = []
-        with torch.enable_grad():
+        with torch.enable_grad(), change(index, block):
             for hidden, kw, gradient in zip(inputs, kwargs, upstream):
                 hidden = hidden.detach().requires_grad_(input_gradient)
                 wanted = ([hidden] if input_gradient else []) + parameters
@@ -297,10 +305,10 @@ class ModelStream:
         return tensor_names(self.model, "")
 
     def weight_gradients(self, windows: torch.Tensor, batch_size: int, on_block: BlockGradients,
-                         progress: Callable[..., None] | None = None) -> float:
+                         change: BlockChange | None = None, progress: Callable[..., None] | None = None) -> float:
         """:func:`weight_gradients` of this model's targets; ``progress`` advances twice per block."""
         return weight_gradients(self.model, self.weights, self.targets, windows, batch_size, on_block,
-                                store_dir=self.store_dir, progress=progress)
+                                store_dir=self.store_dir, change=change, progress=progress)
 
     def probe_losses(self, windows: torch.Tensor, batch_size: int, probes: Probes,
                      progress: Callable[..., None] | None = None) -> tuple[float, dict[Hashable, float]]:

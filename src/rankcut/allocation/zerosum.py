@@ -21,17 +21,22 @@ plan fits the budget, modules left above break-even stay dense, and :meth:`Budge
 (sub-step) remainder on the components whose restoration is predicted to lower the loss the most per
 parameter. ``min_rank_ratio`` is ZS-SVD's per-module floor (``keep_rank_ratio``, fraction of break-even).
 
-Not implemented: ZS-SVD's optional truncate–correct–retruncate stages (a projected-gradient weight
-correction after truncation); this allocator only chooses ranks.
+**Stages** (ZS-SVD's ``num_stages``, default 4). The removal is split into equal shares of the
+parameters to remove; before each share the scores are computed again at the plan so far: the
+truncated targets run as their rank-k whitened truncations, so the first-order model is re-centred
+where the previous stages left it. Each stage costs one gradient sweep. Unlike ZS-SVD, the factors are
+not recomputed between stages (the spectra are the open-loop ones) and there is no weight correction:
+this allocator only chooses ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -49,20 +54,27 @@ class ZeroSumConfig(PluginConfig):
     windows: int | None = 32  # calibration rows for the mean gradient (None: all); ZS-SVD uses 256 x 2048 tokens
     batch_size: int = 4  # windows per recomputation of a block in the reverse sweep
     min_rank_ratio: float = 0.0  # rank floor as a fraction of the break-even rank (ZS-SVD: 0, 0.3 at 60% pruning)
+    stages: int = 4  # removal in equal shares, each scored at the plan so far (ZS-SVD's default: 4)
 
     def validate(self) -> None:
         if self.windows is not None and self.windows < 1:
             raise ConfigError(f"zerosum windows must be >= 1 or none, got {self.windows}")
         if self.batch_size < 1:
             raise ConfigError(f"zerosum batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
+            raise ConfigError(f"zerosum stages must be an integer >= 1, got {self.stages!r}")
         if not 0.0 <= self.min_rank_ratio <= 1.0:
             raise ConfigError(f"zerosum min_rank_ratio must be in [0, 1], got {self.min_rank_ratio}")
 
 
 def component_scores(stream: ModelStream, spectra: Mapping[str, Spectrum], windows: torch.Tensor,
-                     batch_size: int, *, advance: Callable[..., None] | None = None) -> dict[str, torch.Tensor]:
+                     batch_size: int, *, ranks: Mapping[str, Rank] | None = None,
+                     advance: Callable[..., None] | None = None) -> dict[str, torch.Tensor]:
     """``ΔL_i = −σ_i u_iᵀ G Bfull_iᵀ`` (float64) for every component of every target, G the gradient of
-    the mean next-token loss over ``windows`` with respect to the target's weight."""
+    the mean next-token loss over ``windows`` with respect to the target's weight. With ``ranks`` the
+    model runs truncated to them (a module at ``DENSE`` or absent keeps its weight), so the scores are
+    ``−∂L/∂g_i`` at that plan's gates: for a kept component the change of removing it, for a removed one
+    minus the change of restoring it."""
     scores: dict[str, torch.Tensor] = {}
 
     def project(_block: int, gradients: dict[str, torch.Tensor]) -> None:
@@ -73,16 +85,36 @@ def component_scores(stream: ModelStream, spectra: Mapping[str, Spectrum], windo
             sigma = spectrum.sigma.to(g.device, torch.float64)
             scores[name] = (-sigma * ((g @ b_full.T) * u).sum(dim=0)).cpu()
 
-    stream.weight_gradients(windows, batch_size, project, progress=advance)
+    truncated = {name: int(rank) for name, rank in (ranks or {}).items() if rank != DENSE}
+
+    @contextlib.contextmanager
+    def run_truncated(index: int, _block: torch.nn.Module) -> Iterator[None]:
+        """Each truncated target of the block computes with its rank-k whitened truncation ``A_k B_k``."""
+        swapped = []
+        try:
+            for target in (t for t in stream.targets if t.block == index and t.name in truncated):
+                weight = stream.model.get_submodule(target.name).weight
+                a, b = spectra[target.name].factors(truncated[target.name], dtype=torch.float64)
+                swapped.append((weight, weight.data))
+                weight.data = (a @ b).to(dtype=weight.dtype, device=weight.device)
+            yield
+        finally:
+            for weight, original in swapped:
+                weight.data = original
+
+    stream.weight_gradients(windows, batch_size, project, change=run_truncated if truncated else None, progress=advance)
     return {t.name: scores[t.name] for t in stream.targets}
 
 
-def zero_sum_ranks(budget: Budget, scores: Mapping[str, torch.Tensor],
-                   floors: Mapping[str, int]) -> tuple[dict[str, Rank], dict[str, Any]]:
-    """Remove components by the two-heap zero-sum rule (module docstring) until the plan fits."""
+def zero_sum_ranks(budget: Budget, scores: Mapping[str, torch.Tensor], floors: Mapping[str, int], *,
+                   start: Mapping[str, int] | None = None,
+                   target: int | None = None) -> tuple[dict[str, Rank], dict[str, Any]]:
+    """Remove components by the two-heap zero-sum rule (module docstring) from the ranks ``start``
+    (default: full rank, nothing removed) until the plan costs at most ``target`` (default: the budget)."""
     names = list(scores)
     deltas = {name: scores[name].tolist() for name in names}
-    ranks = {name: len(deltas[name]) for name in names}  # start from full rank: nothing removed
+    ranks = {name: len(deltas[name]) if start is None else int(start[name]) for name in names}
+    target = budget.target if target is None else target
 
     def cost(name: str) -> int:
         return budget.cost(name, budget.normalize(name, ranks[name]))
@@ -100,7 +132,7 @@ def zero_sum_ranks(budget: Budget, scores: Mapping[str, torch.Tensor],
         offer(index)
     total = sum(cost(name) for name in names)
     running, removed = 0.0, 0
-    while total > budget.target:
+    while total > target:
         preferred, other = (raising, lowering) if running <= 0 else (lowering, raising)
         heap = preferred or other
         if not heap:
@@ -118,9 +150,16 @@ def zero_sum_ranks(budget: Budget, scores: Mapping[str, torch.Tensor],
             {"running_sum": running, "removed_components": removed})
 
 
-def predicted_loss_change(scores: Mapping[str, torch.Tensor], ranks: Mapping[str, Rank]) -> float:
-    """First-order loss change of a plan: the summed ``ΔL`` of every removed component."""
-    return sum(float(scores[name][int(rank):].sum()) for name, rank in ranks.items() if rank != DENSE)
+def predicted_loss_change(scores: Mapping[str, torch.Tensor], ranks: Mapping[str, Rank],
+                          start: Mapping[str, int] | None = None) -> float:
+    """First-order loss change of going from ``start`` (default: full rank) to ``ranks``: the summed
+    ``ΔL`` of the components removed in between."""
+    total = 0.0
+    for name, rank in ranks.items():
+        if rank != DENSE:
+            end = len(scores[name]) if start is None else start[name]
+            total += float(scores[name][int(rank):end].sum())
+    return total
 
 
 def score_priority(budget: Budget, scores: Mapping[str, torch.Tensor]) -> Priority:
@@ -151,25 +190,34 @@ class ZeroSumAllocator(Allocator):
             raise ConfigError("zerosum needs the model and calibration data")
         budget, config = context.budget, self.config
         windows = select_windows(context.calibration, config.windows, context.seed)
-        start = time.perf_counter()
-        with progress_bar("zerosum: forward, then backward, by block", total=2 * context.stream.blocks,
-                          enabled=context.show_progress) as advance:
-            scores = component_scores(context.stream, context.spectra, windows, config.batch_size, advance=advance)
-        gradient_seconds = time.perf_counter() - start
-        floors = {name: min(len(s), max(1, math.ceil(config.min_rank_ratio * budget.max_rank(name))))
-                  for name, s in scores.items()}
-        start = time.perf_counter()
-        ranks, selection = zero_sum_ranks(budget, scores, floors)
+        floors = {name: min(min(budget.shapes[name]), max(1, math.ceil(config.min_rank_ratio * budget.max_rank(name))))
+                  for name in budget.shapes}
+        ranks: dict[str, Rank] = {name: DENSE for name in budget.shapes}
+        stages, seconds = [], {"gradients": 0.0, "selection": 0.0}
+        for stage in range(1, config.stages + 1):
+            # each stage removes an equal share of what the budget asks, scored at the plan so far
+            target = budget.dense_total - (budget.dense_total - budget.target) * stage // config.stages
+            start = time.perf_counter()
+            with progress_bar(f"zerosum stage {stage}/{config.stages}: forward, then backward, by block",
+                              total=2 * context.stream.blocks, enabled=context.show_progress) as advance:
+                scores = component_scores(context.stream, context.spectra, windows, config.batch_size, ranks=ranks,
+                                          advance=advance)
+            seconds["gradients"] += time.perf_counter() - start
+            start = time.perf_counter()
+            current = {name: len(scores[name]) if rank == DENSE else int(rank) for name, rank in ranks.items()}
+            ranks, selection = zero_sum_ranks(budget, scores, floors, start=current, target=target)
+            seconds["selection"] += time.perf_counter() - start
+            stages.append({"target": target, **selection,
+                           "predicted_loss_change": predicted_loss_change(scores, ranks, current)})
         priority = score_priority(budget, scores)
         ranks = budget.fill(ranks, priority)
         every = torch.cat(list(scores.values()))
         info = {
             "settings": {**config.to_dict(), "windows_used": windows.shape[0], "tokens_used": windows.numel()},
-            **selection,
-            "predicted_loss_change": predicted_loss_change(scores, ranks),
+            "stages": stages,
             "negative_score_fraction": float((every < 0).double().mean()),
             "recomputed_batches_per_block": math.ceil(windows.shape[0] / config.batch_size),
-            "seconds": {"gradients": gradient_seconds, "selection": time.perf_counter() - start},
+            "seconds": seconds,
         }
         return Allocation(ranks, info, priority)
 
