@@ -232,7 +232,8 @@ def test_training_lowers_the_loss(setup32):
     system = FermiSystem(context.budget)
     config = FermiGradConfig(steps=25, batch_size=2, lr=1.0, objective="kl")
     temperature = torch.full_like(system.full, 1.0)
-    result = train_ranks(context, system, system.uniform(), lambda step: temperature, config, "shift", 0.0, "fermigrad")
+    result = train_ranks(context, system, system.uniform(), lambda steps: lambda step: temperature, config, "shift", 0.0,
+                         "fermigrad")
     losses = [point["loss"] for point in result.curve]
     assert losses[-1] < 0.8 * losses[0]
     assert result.soft_ratio == pytest.approx(0.4, rel=1e-9)

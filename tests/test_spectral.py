@@ -1,9 +1,10 @@
+import pytest
 import torch
 
 from conftest import calibration_ids, tiny_model
 from rankcut import CompressionConfig, compress
 from rankcut.allocation import AllocationContext, create_allocator
-from rankcut.allocation.spectral import language_model_loss, spectral_view
+from rankcut.allocation.spectral import TailAverage, language_model_loss, spectral_view, training_steps
 from rankcut.calibration import BlockStream
 from rankcut.compress import _Decomposer
 from rankcut.plan import Budget
@@ -50,3 +51,34 @@ def test_gradients_reach_only_the_gates():
         language_model_loss(model, ids[:4]).backward()
         assert all(g.grad is not None and torch.isfinite(g.grad).all() and g.grad.abs().sum() > 0 for g in gates.values())
         assert all(p.grad is None for p in model.parameters())
+
+
+def test_training_steps_cover_the_epochs_unless_given():
+    assert training_steps(None, 1.0, 256, 2) == 128
+    assert training_steps(None, 2.5, 10, 4) == 7  # ceil(25 / 4)
+    assert training_steps(None, 1.0, 3, 8) == 1  # a batch holds every window
+    assert training_steps(12, 5.0, 256, 2) == 12
+
+
+def test_tail_average_is_the_mean_of_the_last_steps():
+    average = TailAverage(steps=10, fraction=0.3)
+    for step in range(10):
+        average.update(step, torch.tensor([float(step), -float(step)]))
+    torch.testing.assert_close(average.value(), torch.tensor([8.0, -8.0], dtype=torch.float64))  # steps 7, 8, 9
+    last = TailAverage(steps=4, fraction=0.0)
+    for step in range(4):
+        last.update(step, torch.tensor([float(step)]))
+    assert float(last.value()) == 3.0
+
+
+@pytest.mark.parametrize("name", ["ara", "fermigrad", "dobi"])
+def test_learned_allocators_train_one_epoch_of_whole_windows_by_default(name):
+    ids = calibration_ids(6, 20, seed=1)
+    model = tiny_model()
+    targets, spectra = spectra_of(model, ids)
+    context = AllocationContext(Budget({t.name: t.shape for t in targets}, 0.6), targets, spectra, model, ids,
+                                show_progress=False)
+    plan = create_allocator(name).allocate(context)
+    steps = plan.info["settings"]["steps"] if name == "ara" else plan.info["training"]["steps"]
+    assert steps == 3  # 6 windows, 2 per step
+    assert plan.info["settings"]["tokens_per_step"] == 2 * 20

@@ -16,6 +16,11 @@ G2 (dense-regime masks pulled to all ones) or G1 (ratios above ``τ`` pulled to 
 initial ``p`` centred on the uniform rank (binary rank = uniform rank, soft rank ≈ uniform rank, so
 the compression loss starts at ≈ 0); the gradient window; candidates up to break-even.
 
+Training (as the paper trains, for epochs over its calibration set): whole windows, one epoch over the
+calibration windows by default (``epochs``; ``steps`` overrides), Adam with the learning rate decayed
+to 0 along a cosine, and the binary ranks read out from the logits averaged over the last half of the
+steps (``average``), not from the last step of a noisy walk.
+
 Exactness / efficiency of the STE: ``∂L/∂m_i`` needs component ``i``'s activation even where the gate
 is 0, so exact STE gradients over all ``r`` candidates cost ``r(m+n)`` per token (twice a square dense
 layer). A gated layer computes the binary prefix plus ``gradient_window · r`` components; task
@@ -52,15 +57,18 @@ from ..progress import progress_bar
 from ..registry import PluginConfig
 from .base import ALLOCATORS, Allocation, AllocationContext, Allocator, Priority, energy_priority
 from .baselines import uniform_rank
-from .spectral import SpectralLinear, batches, gradient_checkpointing, language_model_loss, spectral_view
+from .spectral import (SpectralLinear, TailAverage, batches, gradient_checkpointing, language_model_loss,
+                       spectral_view, training_steps)
 
 
 @dataclass
 class ARAConfig(PluginConfig):
-    steps: int = 150  # Adam steps on the logits
+    epochs: float = 1.0  # passes over the calibration windows (the paper trains for epochs)
+    steps: int | None = None  # Adam steps on the logits; None: as many as the epochs take
     batch_size: int = 2  # calibration windows per step
-    seqlen: int | None = 256  # train on the first seqlen tokens of each window (None: whole windows)
-    lr: float = 0.05  # Adam on logits (nats per step)
+    seqlen: int | None = None  # train on the first seqlen tokens of each window (None: whole windows)
+    lr: float = 0.05  # Adam on logits (nats per step), decayed to 0 along a cosine
+    average: float = 0.5  # read out from the logits averaged over this last fraction of the steps
     lambda_c: float = 1000.0  # weight of (R_glob - keep_ratio)²
     lambda_g: float = 10.0  # weight of the guidance loss
     guidance: Literal["none", "G1", "G2"] = "G2"
@@ -75,9 +83,12 @@ class ARAConfig(PluginConfig):
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA only
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ara {name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 1 or (self.steps is not None and self.steps < 1):
+            raise ConfigError(f"ara steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ConfigError(f"ara epochs must be > 0, got {self.epochs}")
+        if not 0 <= self.average < 1:
+            raise ConfigError(f"ara average must be in [0, 1), got {self.average}")
         if self.seqlen is not None and self.seqlen < 2:
             raise ConfigError(f"ara seqlen must be >= 2 or none, got {self.seqlen}")
         if not self.lr > 0:
@@ -220,15 +231,18 @@ class ARAAllocator(Allocator):
         checkpointing = config.checkpointing == "on" or (config.checkpointing == "auto" and device.type == "cuda")
         windows = context.calibration if config.seqlen is None else context.calibration[:, : config.seqlen]
         masks = StaircaseMasks(budget, config, device)
+        steps = training_steps(config.steps, config.epochs, windows.shape[0], config.batch_size)
         optimizer = torch.optim.Adam(masks.logits.values(), lr=config.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        averages = {name: TailAverage(steps, config.average) for name in masks.logits}
         stream = batches(windows, min(config.batch_size, windows.shape[0]), context.seed)
         spectra = {name: _leading(context.spectra[name], logits.numel()) for name, logits in masks.logits.items()}
         curve: list[dict[str, float]] = []
         start = time.perf_counter()
         with (spectral_view(model, context.targets, spectra) as layers,
               gradient_checkpointing(model, checkpointing),
-              progress_bar("ara: train rank masks", config.steps, enabled=context.show_progress) as advance):
-            for step in range(config.steps):
+              progress_bar("ara: train rank masks", steps, enabled=context.show_progress) as advance):
+            for step in range(steps):
                 state = masks.masks()
                 masks.apply(state, layers)
                 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -240,6 +254,9 @@ class ARAAllocator(Allocator):
                 if loss.requires_grad:  # everything dense and no penalties: nothing to train
                     loss.backward()
                     optimizer.step()
+                schedule.step()
+                for name, logits in masks.logits.items():
+                    averages[name].update(step, logits)
                 dense = sum(mask.dense for mask in state.values())
                 curve.append({"step": step, "loss": loss.item(), "ce": ce.item(), "ratio": ratio.item(),
                               "binary_ratio": masks.binary_ratio(state), "dense": dense})
@@ -247,6 +264,8 @@ class ARAAllocator(Allocator):
         seconds = time.perf_counter() - start
 
         with torch.no_grad():
+            for name, logits in masks.logits.items():
+                logits.copy_(averages[name].value())
             final = masks.masks()
         trained = {name: mask.rank for name, mask in final.items()}
         # the remainder goes by the learned soft masks' vote for the next component (or by energy)
@@ -257,7 +276,8 @@ class ARAAllocator(Allocator):
         ranks = budget.rescale(trained, priority)
         info: dict[str, Any] = {
             "settings": {"device": str(device), "autocast_bf16": bf16, "checkpointing": checkpointing,
-                         "windows": list(windows.shape),
+                         "windows": list(windows.shape), "steps": steps, "epochs": steps * min(config.batch_size,
+                                                                                                windows.shape[0]) / windows.shape[0],
                          "tokens_per_step": min(config.batch_size, windows.shape[0]) * windows.shape[1],
                          "logits": sum(t.numel() for t in masks.logits.values())},
             "training": _summary(curve, seconds),

@@ -25,7 +25,11 @@ budget at the temperature of the next forward (the soft cost is continuous and n
 the constrained optimum. ``"penalty"`` adds ``penalty · |R_soft − ρ|`` to the loss (Dobi-SVD's form, λ = 200 there).
 ``μ`` is kept in ``[1, r + 1]`` (Dobi: a box penalty; here a clamp inside the bisection).
 
-**Readout.** ``k = ⌊μ⌋`` (past the last useful rank: dense). FermiGrad then removes components, least
+**Training.** One epoch of whole calibration windows by default (``epochs``; ``steps`` overrides), the
+step size decayed to 0 along a cosine, and ``μ`` averaged over the last half of the steps (``average``)
+for the readout.
+
+**Readout.** ``k = ⌊μ⌋`` of the averaged ``μ`` (past the last useful rank: dense). FermiGrad then removes components, least
 predicted loss per saved parameter first, until the plan fits, and :meth:`Budget.fill` spends what is
 left, most predicted loss per parameter first. Dobi rescales proportionally (:meth:`Budget.rescale`).
 The prediction is ``ΔL_i`` averaged over the last quarter of training (low ``T``, ``μ`` near its final
@@ -64,7 +68,8 @@ from ..progress import progress_bar
 from ..registry import PluginConfig
 from .base import ALLOCATORS, Allocation, AllocationContext, Allocator
 from .baselines import uniform_rank
-from .spectral import SpectralLinear, batches, gradient_checkpointing, language_model_loss, spectral_view
+from .spectral import (SpectralLinear, TailAverage, batches, gradient_checkpointing, language_model_loss,
+                       spectral_view, training_steps)
 
 SCORE_FRACTION = 0.25  # ΔL_i for the readout is averaged over this last fraction of the steps
 
@@ -73,19 +78,24 @@ SCORE_FRACTION = 0.25  # ΔL_i for the readout is averaged over this last fracti
 class FermiTrainingConfig(PluginConfig):
     """Options shared by ``fermigrad`` and ``dobi``."""
 
-    steps: int = 150  # Adam steps on μ; SmolLM2-135M, 2 x 256 tokens: 8.5-15 s/step measured on one busy
-    #                   core, ≈ 27 min for fermigrad (full gate width early), ≈ 22 min for dobi
+    epochs: float = 1.0  # passes over the calibration windows
+    steps: int | None = None  # steps on μ; None: as many as the epochs take (SmolLM2-135M, 2 x 256 tokens:
+    #                           8.5-15 s/step measured on one busy core)
     batch_size: int = 2  # calibration windows per step
-    seqlen: int | None = 256  # train on the first seqlen tokens of each window (None: whole windows)
-    lr: float = 2.0  # Adam on μ, in rank units per step
+    seqlen: int | None = None  # train on the first seqlen tokens of each window (None: whole windows)
+    lr: float = 2.0  # step on μ, in rank units, decayed to 0 along a cosine
+    average: float = 0.5  # read out from μ averaged over this last fraction of the steps
     objective: Literal["ce", "kl"] = "ce"  # next-token CE, or KL(dense ‖ gated) (one more forward per step)
     fill_priority: Literal["gradient", "energy"] = "gradient"  # readout repair/fill by ΔL_i or σ_i²
     checkpointing: bool = False  # recompute each decoder block in backward (less memory, ≈ +1 forward)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 1 or (self.steps is not None and self.steps < 1):
+            raise ConfigError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if not 0 <= self.average < 1:
+            raise ConfigError(f"average must be in [0, 1), got {self.average}")
         if self.seqlen is not None and self.seqlen < 2:
             raise ConfigError(f"seqlen must be >= 2 or none, got {self.seqlen}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -275,31 +285,40 @@ class BudgetStep:
 
 
 def train_ranks(context: AllocationContext, system: FermiSystem, mu: torch.Tensor,
-                temperature: Callable[[int], torch.Tensor], config: FermiTrainingConfig,
+                temperatures: Callable[[int], Callable[[int], torch.Tensor]], config: FermiTrainingConfig,
                 budget_mode: Literal["shift", "penalty"], penalty: float, label: str) -> TrainingResult:
-    """Train ``μ`` through the Fermi gates on ``context.objective`` (next-token CE by default). With
-    the global shift, :class:`BudgetStep` steps; with the penalty (Dobi-SVD's form), Adam."""
+    """Train ``μ`` through the Fermi gates on ``context.objective`` (next-token CE by default), for the
+    config's epochs (or steps), with ``temperatures(steps)`` the schedule. With the global shift,
+    :class:`BudgetStep` steps; with the penalty (Dobi-SVD's form), Adam; both decay along a cosine, and
+    the readout is ``μ`` averaged over the last ``config.average`` of the steps."""
     model, budget = context.model, context.budget
     if model is None or context.calibration is None:
         raise ConfigError(f"{label} trains on calibration text: it needs the model and calibration token ids")
     dtype = next(model.parameters()).dtype
     eps = torch.finfo(dtype).eps
     windows = context.calibration if config.seqlen is None else context.calibration[:, : config.seqlen]
+    steps = training_steps(config.steps, config.epochs, windows.shape[0], config.batch_size)
+    temperature = temperatures(steps)
     stream = batches(windows, min(config.batch_size, windows.shape[0]), context.seed)
     objective = context.objective or language_model_loss
     mu = system.clamp(mu.to(system.full.device)).requires_grad_()
-    step_mu = BudgetStep(config.lr, config.steps) if budget_mode == "shift" else torch.optim.Adam([mu], lr=config.lr)
+    if budget_mode == "shift":
+        step_mu, schedule = BudgetStep(config.lr, steps), None
+    else:
+        step_mu = torch.optim.Adam([mu], lr=config.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(step_mu, T_max=steps)
+    average = TailAverage(steps, config.average)
     score_sum = torch.zeros_like(system.valid, dtype=torch.float64)
     score_count = torch.zeros_like(score_sum)
-    first_scored = config.steps - max(1, math.ceil(SCORE_FRACTION * config.steps))
+    first_scored = steps - max(1, math.ceil(SCORE_FRACTION * steps))
     full_flops = float((system.full * system.width).sum())
     curve: list[dict[str, float]] = []
     start = time.perf_counter()
     with (spectral_view(model, context.targets, context.spectra) as views,
           gradient_checkpointing(model, config.checkpointing),
-          progress_bar(f"{label}: train ranks", config.steps, enabled=context.show_progress) as advance):
+          progress_bar(f"{label}: train ranks", steps, enabled=context.show_progress) as advance):
         layers = [views[name] for name in system.names]
-        for step in range(config.steps):
+        for step in range(steps):
             temp = temperature(step)
             if budget_mode == "shift":
                 with torch.no_grad():
@@ -324,8 +343,10 @@ def train_ranks(context: AllocationContext, system: FermiSystem, mu: torch.Tenso
                 step_mu.step(mu, system.cost_slopes(mu, temp))
             else:
                 step_mu.step()
+                schedule.step()
             with torch.no_grad():
                 mu.copy_(system.clamp(mu))
+            average.update(step, mu)
             width = float((gated * system.width).sum()) / full_flops
             point = {"step": step, "loss": task.item(), "ratio": ratio.item(), "T_max": float(temp.max()),
                      "hard_ratio": budget.total(system.readout(mu)) / budget.dense_total, "gate_width": width}
@@ -333,7 +354,7 @@ def train_ranks(context: AllocationContext, system: FermiSystem, mu: torch.Tenso
             advance(loss=point["loss"], ratio=point["ratio"], hard=point["hard_ratio"], T=point["T_max"])
         for layer in layers:
             layer.gate = None
-    final, temp = mu.detach(), temperature(config.steps - 1)
+    final, temp = system.clamp(average.value().to(mu.device)), temperature(steps - 1)
     if budget_mode == "shift":
         final = system.shift_to_budget(final, temp)
     scores = torch.where(score_count > 0, score_sum / score_count.clamp(min=1), 0.0)
@@ -393,8 +414,8 @@ class _FermiAllocator(Allocator):
     config: FermiTrainingConfig
 
     @abstractmethod
-    def temperatures(self, system: FermiSystem) -> Callable[[int], torch.Tensor]:
-        """Per-module temperatures (float64, on the system's device) at each step."""
+    def temperatures(self, system: FermiSystem, steps: int) -> Callable[[int], torch.Tensor]:
+        """Per-module temperatures (float64, on the system's device) at each of ``steps`` steps."""
 
     def _train(self, context: AllocationContext, budget_mode: Literal["shift", "penalty"],
                penalty: float) -> tuple[FermiSystem, TrainingResult, ComponentValues]:
@@ -403,8 +424,8 @@ class _FermiAllocator(Allocator):
         restores first the components predicted to lower the loss most per parameter."""
         device = next(context.model.parameters()).device if context.model is not None else "cpu"
         system = FermiSystem(context.budget, device)
-        result = train_ranks(context, system, system.uniform(), self.temperatures(system), self.config,
-                             budget_mode, penalty, self.name)
+        result = train_ranks(context, system, system.uniform(), lambda steps: self.temperatures(system, steps),
+                             self.config, budget_mode, penalty, self.name)
         shapes = context.budget.shapes
         if self.config.fill_priority == "energy":
             values = {name: context.spectra[name].sigma.double().square() for name in shapes}
@@ -464,10 +485,10 @@ class FermiGradAllocator(_FermiAllocator):
 
     config: FermiGradConfig
 
-    def temperatures(self, system: FermiSystem) -> Callable[[int], torch.Tensor]:
+    def temperatures(self, system: FermiSystem, steps: int) -> Callable[[int], torch.Tensor]:
         start = self.config.t_start * system.full
         end = torch.full_like(start, self.config.t_end)
-        last = max(1, self.config.steps - 1)
+        last = max(1, steps - 1)
         return lambda step: start * (end / start) ** (step / last)
 
     def allocate_ranks(self, context: AllocationContext) -> Allocation:
@@ -486,7 +507,7 @@ class DobiAllocator(_FermiAllocator):
 
     config: DobiConfig
 
-    def temperatures(self, system: FermiSystem) -> Callable[[int], torch.Tensor]:
+    def temperatures(self, system: FermiSystem, steps: int) -> Callable[[int], torch.Tensor]:
         fixed = torch.full_like(system.full, 1.0 / (2.0 * self.config.beta))
         return lambda step: fixed
 

@@ -13,6 +13,7 @@ should pass gates no longer than the components they can switch on.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Mapping
 
 import torch
@@ -104,3 +105,32 @@ def gradient_checkpointing(model: nn.Module, enabled: bool = True) -> Iterator[N
         if supported:
             model.gradient_checkpointing_disable()
         model.train(was_training)
+
+
+def training_steps(steps: int | None, epochs: float, windows: int, batch_size: int) -> int:
+    """``steps`` when given, else enough batches for ``epochs`` passes over the ``windows``."""
+    if steps is not None:
+        return steps
+    return max(1, math.ceil(epochs * windows / min(batch_size, windows)))
+
+
+class TailAverage:
+    """The mean of a trained tensor over the last ``fraction`` of the ``steps`` (Polyak averaging), so a
+    readout is not the last point of a noisy walk; ``fraction`` 0 keeps the last step's value."""
+
+    def __init__(self, steps: int, fraction: float) -> None:
+        self.first = steps - max(1, math.ceil(fraction * steps))
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, step: int, value: torch.Tensor) -> None:
+        if step < self.first:
+            return
+        value = value.detach().double()
+        self.total = value.clone() if self.total is None else self.total + value
+        self.count += 1
+
+    def value(self) -> torch.Tensor:
+        if self.total is None:
+            raise RuntimeError("no step reached the averaged tail")
+        return self.total / self.count
