@@ -110,7 +110,7 @@ def test_sequential_differs_from_open_loop_and_meets_budget():
     ids = calibration_ids()
     open_loop, _ = compress(tiny_model(), CompressionConfig(keep_ratio=0.5, allocator="uniform"), calibration=ids,
                             show_progress=False)
-    closed, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.5, allocator="uniform", sequential=True),
+    closed, report = compress(tiny_model(), CompressionConfig(keep_ratio=0.5, allocator="uniform", closed_loop="sequential"),
                               calibration=ids, show_progress=False)
     assert report.measured["target_params"] <= report.measured["budget"]
     assert "calibrate + decompose" not in report.timings  # uniform plans from shapes; one pass

@@ -89,15 +89,23 @@ class Crash(Exception):
 def decompositions(monkeypatch):
     """Records the index of every block decomposed; ``crash_at = k`` raises on the k-th (from 0)."""
     recorder = SimpleNamespace(calls=[], crash_at=None)
-    original = compress_module._Decomposer.spectra
+    original, compensating = compress_module._Decomposer.spectra, compress_module._Decomposer.compensating
+
+    def record(index):
+        if recorder.crash_at is not None and len(recorder.calls) == recorder.crash_at:
+            raise Crash(f"block {index}")
+        recorder.calls.append(index)
 
     def spectra(self, run):
-        if recorder.crash_at is not None and len(recorder.calls) == recorder.crash_at:
-            raise Crash(f"block {run.index}")
-        recorder.calls.append(run.index)
+        record(run.index)
         return original(self, run)
 
+    def compensating_group(self, statistics):  # one call per input group: 4 per block
+        record(int(statistics.modules[0].split(".")[2]))
+        return compensating(self, statistics)
+
     monkeypatch.setattr(compress_module._Decomposer, "spectra", spectra)
+    monkeypatch.setattr(compress_module._Decomposer, "compensating", compensating_group)
     return recorder
 
 
@@ -107,21 +115,23 @@ def run_compress(work=None, model=None, config=None, ids=None):
                     calibration=calibration_ids() if ids is None else ids, show_progress=False, work_dir=work)
 
 
-@pytest.mark.parametrize("sequential", [False, True], ids=["open-loop", "sequential"])
-def test_interrupted_run_resumes_to_an_identical_result(tmp_path, decompositions, sequential):
-    config = CompressionConfig(keep_ratio=0.6, allocator="energy", sequential=sequential)
+@pytest.mark.parametrize("closed_loop", ["none", "sequential", "compensate"])
+def test_interrupted_run_resumes_to_an_identical_result(tmp_path, decompositions, closed_loop):
+    sequential = closed_loop != "none"
+    config = CompressionConfig(keep_ratio=0.6, allocator="energy", closed_loop=closed_loop)
     reference, expected = run_compress(config=config)
-    # 3 blocks. Open loop: stop in block 2. Sequential: the open-loop pass and the plan are done, and
-    # the closed loop (3 more decompositions) stops in its block 1.
+    # 3 blocks. Open loop: stop in block 2. Closed loop: the open-loop pass (3 decompositions) and the
+    # plan are done, and the closed loop stops in its block 1 (compensate: at its second input group).
     decompositions.calls.clear()
-    decompositions.crash_at = 4 if sequential else 2
+    decompositions.crash_at = {"none": 2, "sequential": 4, "compensate": 3 + 4 + 1}[closed_loop]
     with pytest.raises(Crash):
         run_compress(tmp_path / "work", config=config)
     assert (tmp_path / "work" / "plan.json").exists() == sequential
     decompositions.calls.clear()
     decompositions.crash_at = None
     model, report = run_compress(tmp_path / "work", config=config)
-    assert decompositions.calls == ([1, 2] if sequential else [2])  # finished blocks are not redone
+    redone = {"none": [2], "sequential": [1, 2], "compensate": [1] * 4 + [2] * 4}[closed_loop]
+    assert decompositions.calls == redone  # finished blocks are not redone
     assert report.plan.to_dict() == expected.plan.to_dict()
     assert list(report.plan.ranks) == list(expected.plan.ranks)  # same order too
     assert list(report.diagnostics.items()) == list(expected.diagnostics.items())

@@ -80,7 +80,7 @@ def test_allocators_that_run_the_whole_model_still_run_streamed(tmp_path, alloca
 
 
 def test_sequential_streamed_equals_in_memory(tmp_path):
-    config = CompressionConfig(keep_ratio=0.6, allocator="energy", sequential=True)
+    config = CompressionConfig(keep_ratio=0.6, allocator="energy", closed_loop="sequential")
     report, streamed = compress_both(tmp_path, tiny_model(), config, calibration_ids(8, 24))
     expected, got = artifact_tensors(tmp_path / "in-memory"), artifact_tensors(tmp_path / "streamed")
     assert streamed.plan.ranks == report.plan.ranks

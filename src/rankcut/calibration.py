@@ -8,19 +8,22 @@ activations and statistics are resident at a time.
 Memory: the stored activations take ``nsamples x seqlen x hidden x 4`` bytes (float32; 256 x 512 x 576
 x 4 = 302 MB for SmolLM2, 2 GiB for a 4096-wide model), twice during a block (inputs and outputs),
 plus the Grams of one block: ``8 x sum of distinct input widths²`` bytes (float64), plus the model.
+The compensating pass (:meth:`BlockStream.run_compensating`) carries two streams, the dense model's
+and the compressed model's, and one input group's cross-Gram (``8 x width²``) beside its Gram.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .checkpoint import ResidentWeights
 from .errors import RankcutError
-from .targets import TargetModule, find_decoder_blocks
+from .targets import TargetModule, find_decoder_blocks, set_submodule
 
 
 @dataclass
@@ -31,6 +34,14 @@ class InputStatistics:
     gram: torch.Tensor  # n x n float64, mean of x xᵀ over tokens
     abs_mean: torch.Tensor  # n float64, mean |x| per channel (ASVD scaling)
     tokens: int
+
+
+@dataclass
+class PairedStatistics(InputStatistics):
+    """One input group of the compensating pass: ``gram`` and ``abs_mean`` of the inputs ``X̃`` the
+    compressed model gives the group, and ``cross``, the mean ``X X̃ᵀ`` with the dense model's inputs."""
+
+    cross: torch.Tensor | None = None  # n x n float64
 
 
 class _StopForward(Exception):
@@ -158,6 +169,108 @@ class BlockStream:
                 on_outputs(index + 1, hidden)
             if progress is not None:
                 progress(1)
+
+    def run_compensating(self, on_group: Callable[[int, PairedStatistics], None], on_block: Callable[[int], None], *,
+                         progress: Callable[..., None] | None = None, start_block: int = 0,
+                         hidden: list[torch.Tensor] | None = None,
+                         on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None) -> None:
+        """The dense model and the compressed one side by side, block by block, and within a block
+        input group by input group in the order the data flows (q/k/v, then o; gate/up, then down: the
+        order the modules are called in, not their names). For each group, ``on_group(block, stats)``
+        gets the compressed path's inputs ``X̃`` (after the groups before it were replaced) with their
+        cross-Gram against the dense inputs ``X``, and replaces the group's modules; ``on_block(block)``
+        follows the block's last group. Then both paths move on: the dense block's outputs and the
+        compressed block's.
+
+        Resume as :meth:`run`, with ``hidden`` the dense inputs of ``start_block`` followed by the
+        compressed ones, as ``on_outputs`` receives them.
+        """
+        captured, block_kwargs = self.capture()
+        count = len(captured)
+        if hidden is None:
+            if start_block:
+                raise ValueError("resuming at a later block needs the hidden states entering it")
+            dense, compressed = captured, captured
+        elif len(hidden) != 2 * count:
+            raise RankcutError(f"resumed activations hold {len(hidden)} batches, the compensating pass {2 * count}")
+        else:
+            dense, compressed = hidden[:count], hidden[count:]
+        del captured
+        for index in range(start_block, len(self.blocks)):
+            block, kwargs = self.blocks[index], block_kwargs[index]
+            self.weights.onload([self.block_name(index)])
+            names = [t.name for t in self.targets if t.block == index]
+            originals = {name: self.model.get_submodule(name) for name in names}  # the dense modules
+            for group in self._groups_in_flow_order(block, dense[0], kwargs[0], names):
+                on_group(index, self._paired_statistics(block, group, originals, dense, compressed, kwargs))
+            on_block(index)
+            with self._swapped(originals):
+                dense = self.forward_block(block, dense, kwargs)
+            compressed = self.forward_block(block, compressed, kwargs)
+            self.weights.offload([self.block_name(index)])
+            if on_outputs is not None:
+                on_outputs(index + 1, dense + compressed)
+            if progress is not None:
+                progress(1)
+
+    @contextlib.contextmanager
+    def _swapped(self, modules: Mapping[str, nn.Module]) -> Iterator[None]:
+        """``modules`` in place of whatever the model holds under their names, meanwhile."""
+        current = {name: self.model.get_submodule(name) for name in modules}
+        for name, module in modules.items():
+            set_submodule(self.model, name, module)
+        try:
+            yield
+        finally:
+            for name, module in current.items():
+                set_submodule(self.model, name, module)
+
+    @torch.inference_mode()
+    def _groups_in_flow_order(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                              names: list[str]) -> list[tuple[str, ...]]:
+        """The block's target modules grouped by shared input, in the order they are first called."""
+        seen: dict[str, torch.Tensor] = {}
+        handles = [self.model.get_submodule(name).register_forward_hook(
+            lambda _m, inputs, _o, name=name: seen.__setitem__(name, inputs[0])) for name in names]
+        try:
+            block(hidden, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [group for group, _ in _group_by_identity(seen)]
+
+    @torch.inference_mode()
+    def _paired_statistics(self, block: nn.Module, group: tuple[str, ...], originals: Mapping[str, nn.Module],
+                           dense: list[torch.Tensor], compressed: list[torch.Tensor],
+                           kwargs: list[dict]) -> PairedStatistics:
+        gram, cross, abs_sum, tokens = None, None, None, 0
+        for h, h_tilde, kw in zip(dense, compressed, kwargs):
+            with self._swapped(originals):
+                x = self._input_of(block, h, kw, group[0])
+            x_tilde = self._input_of(block, h_tilde, kw, group[0])
+            slot = [gram, abs_sum, tokens]
+            _accumulate(slot, x_tilde)
+            gram, abs_sum, tokens = slot
+            product = (x.reshape(-1, x.shape[-1]).float().T @ x_tilde.reshape(-1, x_tilde.shape[-1]).float()).double().cpu()
+            cross = product if cross is None else cross + product
+        return PairedStatistics(list(group), _symmetric(gram) / tokens, abs_sum / tokens, tokens, cross / tokens)
+
+    def _input_of(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict, name: str) -> torch.Tensor:
+        """The input module ``name`` receives when ``block`` runs on ``hidden`` (the block stops there)."""
+        captured: list[torch.Tensor] = []
+
+        def stop(_module, inputs):
+            captured.append(inputs[0])
+            raise _StopForward
+
+        handle = self.model.get_submodule(name).register_forward_pre_hook(stop)
+        try:
+            block(hidden, **kwargs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
 
     @staticmethod
     @torch.inference_mode()

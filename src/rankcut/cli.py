@@ -148,7 +148,9 @@ def compress(
     seqlen: int = 512,
     batch_size: int = 8,
     seed: int = 0,
-    sequential: Annotated[bool, typer.Option(help="closed-loop calibration: each block sees compressed inputs")] = False,
+    closed_loop: Annotated[str, typer.Option(
+        help="none | sequential (refit each block to the compressed upstream's inputs) | compensate (fit each "
+             "module's compressed-path output to the dense model's)")] = "none",
     exclude: Annotated[list[str], typer.Option(help="module name patterns to keep dense, repeatable")] = [],
     data_dir: DataDirOption = None,
     device: str = "auto",
@@ -189,7 +191,7 @@ def compress(
     config = CompressionConfig(
         keep_ratio=keep, allocator=allocator, allocator_options=_parse_options(allocator_option),
         whitening=whitening, whitening_options=_parse_options(whitening_option), factor_format=factor_format,
-        sequential=sequential, exclude=list(exclude),
+        closed_loop=closed_loop, exclude=list(exclude),
         calibration=CalibrationConfig(calib, calib_split, nsamples, seqlen, seed, batch_size,
                                       str(data_dir) if data_dir else None),
     )

@@ -4,9 +4,12 @@ Phases (each timed in the report):
 1. **calibrate**: stream the calibration windows block by block, accumulating each target's input Gram;
    whiten and decompose every module as soon as its block is done (``whitened_svd``).
 2. **allocate**: the configured allocator turns spectra and the budget into a :class:`RankPlan`.
-3. **factorize**: replace each target by a factorized layer at its planned rank. With ``sequential``,
-   statistics are collected again block by block from the outputs of the already-compressed blocks
-   (closed loop), so each block is factorized against the inputs it will really see.
+3. **factorize**: replace each target by a factorized layer at its planned rank. Closed loop
+   (``closed_loop``): ``sequential`` collects the statistics again block by block from the outputs of
+   the already-compressed blocks and fits each module to those inputs; ``compensate`` runs the dense and
+   the compressed model side by side, input group by input group in the order the data flows, and fits
+   each module's compressed-path output to the dense model's output (``whitened_svd`` with the
+   cross-Gram), so the error upstream is compensated rather than inherited.
 
 With a work folder (:mod:`rankcut.workdir`) each block's spectra and the activations entering the next
 block are checkpointed as the passes go, and the plan once allocated, so a rerun after an interruption
@@ -33,7 +36,7 @@ from torch import nn
 from ._settings import cache_dir
 from .allocation import AllocationContext, create_allocator
 from .artifacts import ArtifactWriter
-from .calibration import BlockRun, BlockStream, InputStatistics
+from .calibration import BlockRun, BlockStream, InputStatistics, PairedStatistics
 from .checkpoint import CheckpointSource, ResidentWeights, outer_modules, tensor_names
 from .data import load_text, sample_calibration
 from .decomposition import Spectrum, whitened_svd
@@ -52,7 +55,8 @@ from .targets import TargetModule, find_decoder_blocks, find_targets, set_submod
 from .whitening import Whitening, create_whitener
 from .workdir import BlockCheckpoints, Resumed, WorkDir, run_record
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: closed_loop replaces the sequential flag (version 1 configs still read)
+CLOSED_LOOPS = ("none", "sequential", "compensate")
 # The allocator with the best quality for its cost in benchmarks/RESULTS.md (SmolLM2, keep 0.8, PivGa, first
 # 100 WikiText-2 test windows: zerosum 36.88 in 2.5 min of allocation; ARA 37.51 in 10-18 min; uniform 49.89).
 DEFAULT_ALLOCATOR = "zerosum"
@@ -87,7 +91,7 @@ class CompressionConfig:
     whitening_options: dict[str, Any] = field(default_factory=dict)
     # PivGa by default: the same budget buys more rank (SmolLM2 keep 0.8: perplexity 92.9 -> 53.9, benchmarks/)
     factor_format: Literal["plain", "pivga"] = "pivga"
-    sequential: bool = False
+    closed_loop: Literal["none", "sequential", "compensate"] = "none"
     exclude: list[str] = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     version: int = CONFIG_VERSION
@@ -102,6 +106,11 @@ class CompressionConfig:
             raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
         if self.factor_format not in FACTOR_FORMATS:
             raise ConfigError(f"factor_format must be one of {list(FACTOR_FORMATS)}, got {self.factor_format!r}")
+        if self.closed_loop not in CLOSED_LOOPS:
+            raise ConfigError(f"closed_loop must be one of {list(CLOSED_LOOPS)}, got {self.closed_loop!r}")
+        if self.closed_loop != "none" and self.whitening == "none":
+            raise ConfigError(f"closed_loop {self.closed_loop!r} fits modules to calibration statistics; "
+                              "it needs a whitening other than 'none'")
         if self.version > CONFIG_VERSION:
             raise ConfigError(f"config version {self.version} is newer than this rankcut supports ({CONFIG_VERSION})")
         self.calibration.validate()
@@ -115,6 +124,9 @@ class CompressionConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CompressionConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        if "sequential" in data and "closed_loop" not in data:  # a version 1 config
+            data = {**data, "closed_loop": "sequential" if data["sequential"] else "none"}
+            data.pop("sequential")
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"unknown compression setting(s) {unknown}; valid: {sorted(names)}")
@@ -238,6 +250,21 @@ class _Decomposer:
             out[target.name] = Spectrum(spectrum.u.contiguous(), spectrum.sigma, spectrum.b_full.contiguous())
             self.diagnostics[target.name] = {**whitening.diagnostics, "shared_input": statistics.modules,
                                              "calibration_tokens": statistics.tokens}
+        return out
+
+
+    def compensating(self, statistics: PairedStatistics) -> dict[str, Spectrum]:
+        """The compensating fit of one input group's modules (``whitened_svd`` with the cross-Gram)."""
+        try:
+            whitening = self.whitener.whiten(statistics)
+        except FactorizationError as error:
+            raise FactorizationError(f"{statistics.modules[0]}: {error}") from error
+        out = {}
+        for name in statistics.modules:
+            spectrum = whitened_svd(self.model.get_submodule(name).weight, whitening, name, cross=statistics.cross)
+            out[name] = Spectrum(spectrum.u.contiguous(), spectrum.sigma, spectrum.b_full.contiguous())
+            self.diagnostics[name] = {**whitening.diagnostics, "shared_input": statistics.modules,
+                                      "calibration_tokens": statistics.tokens, "fit": "compensating"}
         return out
 
 
@@ -417,7 +444,7 @@ def _conduct(
         if plan is not None and dict(plan.shapes) != dict(budget.shapes):
             raise ConfigError(f"the rank plan in {work.path} does not match this model; delete the work folder")
         spectra: dict[str, Spectrum] = {}
-        closed_loop = config.sequential and config.whitening != "none"
+        closed_loop = config.closed_loop != "none"
         # the closed loop decomposes again anyway: spectra only if the allocator needs them
         if not closed_loop or (plan is None and allocator.needs_spectra):
             with _phase(timings, "calibrate + decompose"):
@@ -451,8 +478,8 @@ def _conduct(
         with _phase(timings, "factorize"):
             if closed_loop:
                 spectra.clear()  # re-decomposed block by block against the compressed upstream blocks
-                _factorize_sequential(model, weights, targets, calibration, config, decomposer, plan, show_progress,
-                                      work, hand_over)
+                factorize = _factorize_sequential if config.closed_loop == "sequential" else _factorize_compensating
+                factorize(model, weights, targets, calibration, config, decomposer, plan, show_progress, work, hand_over)
             else:
                 _factorize_open_loop(model, weights, targets, spectra, plan, config.factor_format, hand_over)
             if writer is not None:
@@ -635,6 +662,43 @@ def _factorize_sequential(model, weights, targets, calibration, config, decompos
             stream.run(factorize_block, closed_loop=True, progress=advance, start_block=state.next_block,
                        hidden=state.hidden,
                        on_outputs=checkpoints.save_activations if checkpoints is not None else None)
+
+
+def _factorize_compensating(model, weights, targets, calibration, config, decomposer, plan, show_progress,
+                            work: WorkDir | None, hand_over) -> None:
+    """Factorize every target by the compensating fit (:meth:`BlockStream.run_compensating`), group by
+    group; each block's cut factors are checkpointed, so a rerun resumes at the first block not done."""
+    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights)
+    checkpoints = work.blocks("compensate", len(stream.blocks)) if work is not None else None
+    state = _resume(checkpoints, stream.device, decomposer)
+    by_name = {t.name: t for t in targets}
+    _factorize_open_loop(model, weights, targets, state.spectra, plan, config.factor_format, hand_over,
+                         range(state.next_block))
+    kept: dict[str, Spectrum] = {}
+
+    def factorize_group(_block: int, statistics: PairedStatistics) -> None:
+        group_spectra = decomposer.compensating(statistics)
+        kept.update({name: _truncated(spectrum, plan.ranks[name]) for name, spectrum in group_spectra.items()
+                     if plan.ranks[name] != DENSE})
+        for name in list(group_spectra):
+            _replace(model, by_name[name], group_spectra, plan, config.factor_format)
+
+    def block_done(index: int) -> None:
+        if checkpoints is not None:
+            names = [t.name for t in targets if t.block == index]
+            checkpoints.save_block(index, {n: kept[n] for n in names if n in kept},
+                                   {n: decomposer.diagnostics[n] for n in names})
+        kept.clear()
+        if hand_over is not None:
+            hand_over(stream.block_name(index))
+
+    with progress_bar("factorize blocks (closed loop, compensating)", total=len(stream.blocks),
+                      enabled=show_progress) as advance:
+        advance(state.next_block)
+        if state.next_block < len(stream.blocks):
+            stream.run_compensating(factorize_group, block_done, progress=advance, start_block=state.next_block,
+                                    hidden=state.hidden,
+                                    on_outputs=checkpoints.save_activations if checkpoints is not None else None)
 
 
 def _truncated(spectrum: Spectrum, rank: int) -> Spectrum:

@@ -2,6 +2,14 @@
 
 For every k, ``A_k B_k = U_k Σ_k Vᵀ_k S⁻¹`` and ``‖(W − A_k B_k) S‖_F² = Σ_{i>k} σ_i²``: with
 ``S Sᵀ`` the input Gram, that is the output error on the calibration inputs.
+
+**Compensating fit.** When the module will see the inputs ``X̃`` of an already compressed upstream
+while the dense model saw ``X``, the fit that matters is ``min ‖W X − W_k X̃‖_F`` over rank k. With
+``X̃ X̃ᵀ = S Sᵀ`` and ``M = W_k S`` it is ``‖W X‖² − 2 tr(W X X̃ᵀ S⁻ᵀ Mᵀ) + ‖M‖² = ‖W X‖² − ‖T‖² +
+‖M − T‖²`` with the whitened target ``T = W (X X̃ᵀ) S⁻ᵀ``, so (Eckart–Young) ``M`` is T's truncated SVD
+and ``W_k = U_k Σ_k Vᵀ_k S⁻¹``: the same factor form, from a different target. The error left is
+``‖W X‖² − ‖T‖² + Σ_{i>k} σ_i(T)²``; with ``X̃ = X`` the cross-Gram is ``S Sᵀ``, ``T = W S``, and the
+fit is the open-loop one.
 """
 
 from __future__ import annotations
@@ -42,13 +50,16 @@ class Spectrum:
         return torch.cat([tail, tail.new_zeros(1)])
 
 
-def whitened_svd(weight: torch.Tensor, whitening: Whitening, name: str, storage_dtype: torch.dtype = torch.float32) -> Spectrum:
-    """Decompose ``weight`` (``m x n``) under ``whitening``, in float64."""
+def whitened_svd(weight: torch.Tensor, whitening: Whitening, name: str, storage_dtype: torch.dtype = torch.float32,
+                 cross: torch.Tensor | None = None) -> Spectrum:
+    """Decompose ``weight`` (``m x n``) under ``whitening``, in float64. With ``cross`` (``X X̃ᵀ``, the
+    whitening being that of ``X̃ X̃ᵀ``) the target is the compensating fit's ``W (X X̃ᵀ) S⁻ᵀ``."""
     w = weight.detach().double().cpu()
     if not torch.isfinite(w).all():
         raise FactorizationError(f"{name}: weight contains NaN or Inf")
     try:
-        u, sigma, vt = torch.linalg.svd(whitening.right_multiply(w), full_matrices=False)
+        target = whitening.right_multiply(w) if cross is None else whitening.right_solve_transposed(w @ cross.double())
+        u, sigma, vt = torch.linalg.svd(target, full_matrices=False)
         b_full = whitening.right_solve(vt)
     except RuntimeError as error:  # LAPACK did not converge
         raise FactorizationError(f"{name}: whitened SVD failed ({error})") from error

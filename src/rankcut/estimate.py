@@ -14,7 +14,8 @@ largest stage:
   gated factors and one backward pass's activations (per-block saved tensors and the vocabulary-wide
   logits) of their batch;
 - **factorize and write**: one block's weights and float64 factors, or the embeddings and head when the
-  last shard is written.
+  last shard is written; a closed loop adds the calibration stream again (``compensate``: two of them,
+  dense and compressed, and one input group's cross-Gram).
 
 On CUDA the blocks, activations and allocator work are on the device; Grams and decompositions stay on
 the host. Disk: the spectra (``U`` and ``Bfull`` in float32), one block's activations, every block's
@@ -142,14 +143,23 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
     host_side = {"calibrate": {"Grams": grams, "decompositions": decomposition},
                  "allocate": {},
                  "factorize": {"block factors (float64)": 2 * block * 8}}
+    if config.closed_loop != "none":  # the closed loop streams the calibration data again, block by block
+        widest = max(t.in_features for t in targets)
+        streams = 2 if config.closed_loop == "compensate" else 1  # compensate: the dense and the compressed path
+        run_side["factorize"].update({"calibration activations": streams * activations,
+                                      "block forward workspace": workspace})
+        # compensate: one group's cross-Gram X X̃ᵀ (float64 total, float32 batch product) beside the Grams
+        host_side["factorize"].update({"Grams": grams + (12 * widest ** 2 if streams == 2 else 0),
+                                       "decompositions": decomposition})
     if on_device:
         host = {stage: host_side[stage] for stage in run_side}
         device_terms = run_side
     else:  # one memory: the forward's workspace is gone before the decompositions start
         host = {stage: {**run_side[stage], **host_side[stage]} for stage in run_side}
-        calibrate = host["calibrate"]
-        calibrate["block forward or decompositions"] = max(calibrate.pop("block forward workspace"),
-                                                           calibrate.pop("decompositions"))
+        for terms in host.values():
+            if "decompositions" in terms:
+                terms["block forward or decompositions"] = max(terms.pop("block forward workspace"),
+                                                               terms.pop("decompositions"))
         device_terms = {stage: {} for stage in run_side}
     host_stages = {stage: sum(terms.values()) for stage, terms in host.items()}
     device_stages = {stage: sum(terms.values()) for stage, terms in device_terms.items()}

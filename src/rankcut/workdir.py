@@ -9,8 +9,9 @@ A work folder holds::
     spectra/activations.safetensors the inputs of the next block to run and its index (metadata);
                                     no tensors once every block is done
     plan.json                       the rank plan, once allocated
-    sequential/...                  the closed-loop factorize pass, laid out like spectra/ (factors
-                                    cut to the planned ranks)
+    sequential/..., compensate/...  the closed-loop factorize pass, laid out like spectra/ (factors
+                                    cut to the planned ranks; compensate's activations hold the dense
+                                    path's batches, then the compressed path's)
     allocator/                      free for the allocator's own checkpoints (AllocationContext.work_dir)
     sweep/block-NNNN.safetensors    each block's saved inputs while a streamed allocator's gradient sweep
                                     runs (rankcut.sweep); each file is deleted once read back
@@ -294,7 +295,7 @@ class WorkDir:
         self.close()
 
     def blocks(self, stage: str, count: int) -> BlockCheckpoints:
-        """Checkpoints of one pass (``spectra`` or ``sequential``) over ``count`` decoder blocks."""
+        """Checkpoints of one pass (``spectra``, ``sequential`` or ``compensate``) over ``count`` decoder blocks."""
         return BlockCheckpoints(self.path / stage, count)
 
     @property

@@ -26,6 +26,10 @@ class Whitening(ABC):
     def right_solve(self, rows: torch.Tensor) -> torch.Tensor:
         """``R S⁻¹`` without forming the inverse."""
 
+    @abstractmethod
+    def right_solve_transposed(self, rows: torch.Tensor) -> torch.Tensor:
+        """``R S⁻ᵀ`` without forming the inverse."""
+
 
 @dataclass
 class IdentityWhitening(Whitening):
@@ -33,6 +37,9 @@ class IdentityWhitening(Whitening):
         return weight
 
     def right_solve(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def right_solve_transposed(self, rows: torch.Tensor) -> torch.Tensor:
         return rows
 
 
@@ -46,6 +53,9 @@ class DiagonalWhitening(Whitening):
     def right_solve(self, rows: torch.Tensor) -> torch.Tensor:
         return rows / self.scale
 
+    def right_solve_transposed(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows / self.scale
+
 
 @dataclass
 class CholeskyWhitening(Whitening):
@@ -56,6 +66,9 @@ class CholeskyWhitening(Whitening):
 
     def right_solve(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(self.lower, rows, upper=False, left=False)
+
+    def right_solve_transposed(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve_triangular(self.lower.T, rows, upper=True, left=False)
 
 
 @dataclass
@@ -70,6 +83,9 @@ class SymmetricWhitening(Whitening):
 
     def right_solve(self, rows: torch.Tensor) -> torch.Tensor:
         return ((rows @ self.eigenvectors) / self.root) @ self.eigenvectors.T
+
+    def right_solve_transposed(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.right_solve(rows)  # S is symmetric
 
 
 class Whitener(ABC):

@@ -1,0 +1,116 @@
+"""The compensating closed loop: the fit of W X by W_k X̃ (dense inputs X, compressed-path inputs X̃)
+is the truncated SVD of the whitened target W (X X̃ᵀ) S⁻ᵀ, its residual has a closed form, it is the
+open-loop fit when X̃ = X, and on a model it brings the compressed outputs closer to the dense ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import calibration_ids, tiny_model
+from rankcut import CompressionConfig, compress
+from rankcut.calibration import InputStatistics
+from rankcut.decomposition import whitened_svd
+from rankcut.errors import ConfigError
+from rankcut.whitening import create_whitener
+
+
+def inputs(n: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correlated dense inputs X (n x tokens) and a perturbed copy X̃, float64."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    x = mixing @ torch.randn(n, tokens, generator=generator, dtype=torch.float64)
+    x_tilde = x + 0.3 * mixing @ torch.randn(n, tokens, generator=generator, dtype=torch.float64)
+    return x, x_tilde
+
+
+def fit(weight, x, x_tilde, *, compensate: bool = True):
+    tokens = x.shape[1]
+    gram = x_tilde @ x_tilde.T / tokens
+    statistics = InputStatistics(["m"], gram, x_tilde.abs().mean(dim=1), tokens)
+    whitening = create_whitener("cholesky", {"damping": 0.0}).whiten(statistics)
+    cross = x @ x_tilde.T / tokens if compensate else None
+    return whitened_svd(weight, whitening, "m", storage_dtype=torch.float64, cross=cross)
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (12, 20)])
+def test_residual_identity_of_the_compensating_fit(shape):
+    """‖W X − W_k X̃‖²/T = ‖W X‖²/T − ‖T‖² + Σ_{i>k} σ_i² for every k."""
+    m, n = shape
+    x, x_tilde = inputs(n, 200, seed=m)
+    weight = torch.randn(m, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    spectrum = fit(weight, x, x_tilde)
+    tokens = x.shape[1]
+    output = (weight @ x).square().sum() / tokens
+    tail = spectrum.tail_energy()
+    for rank in range(1, spectrum.full_rank + 1):
+        a, b = spectrum.factors(rank, dtype=torch.float64)
+        residual = (weight @ x - a @ b @ x_tilde).square().sum() / tokens
+        expected = output - tail[0] + tail[rank]
+        assert float(residual) == pytest.approx(float(expected), rel=1e-9, abs=1e-9 * float(output))
+
+
+def test_it_beats_the_open_loop_fit_to_the_same_inputs_and_is_it_when_they_match():
+    x, x_tilde = inputs(16, 300, seed=2)
+    weight = torch.randn(20, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    compensating, open_loop = fit(weight, x, x_tilde), fit(weight, x, x_tilde, compensate=False)
+    for rank in (2, 5, 9):
+        errors = []
+        for spectrum in (compensating, open_loop):
+            a, b = spectrum.factors(rank, dtype=torch.float64)
+            errors.append(float((weight @ x - a @ b @ x_tilde).square().sum()))
+        assert errors[0] < errors[1]
+    same, reference = fit(weight, x, x), fit(weight, x, x, compensate=False)  # X̃ = X: the open-loop fit
+    torch.testing.assert_close(same.sigma, reference.sigma, rtol=1e-10, atol=1e-12)
+    for rank in (3, 8):
+        product = [torch.matmul(*s.factors(rank, dtype=torch.float64)) for s in (same, reference)]
+        torch.testing.assert_close(product[0], product[1], rtol=1e-8, atol=1e-10)
+
+
+def final_hidden(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[-1]
+
+
+def test_compensate_brings_the_outputs_closest_to_the_dense_model():
+    ids = calibration_ids(16, 24, seed=7)
+    dense = final_hidden(tiny_model(), ids)
+    errors = {}
+    for mode in ("none", "sequential", "compensate"):
+        config = CompressionConfig(keep_ratio=0.5, allocator="uniform", closed_loop=mode)
+        model, report = compress(tiny_model(), config, calibration=ids, show_progress=False)
+        assert report.measured["target_params"] == report.plan.total_cost <= report.measured["budget"]
+        errors[mode] = float((final_hidden(model, ids) - dense).square().mean())
+    assert errors["compensate"] < errors["none"] and errors["compensate"] < errors["sequential"]
+
+
+def test_the_first_group_sees_the_dense_inputs_so_it_gets_the_open_loop_factors():
+    ids = calibration_ids(8, 24, seed=1)
+    factors = {}
+    for mode in ("none", "compensate"):
+        config = CompressionConfig(keep_ratio=0.5, allocator="uniform", closed_loop=mode, factor_format="plain")
+        model, _ = compress(tiny_model(), config, calibration=ids, show_progress=False)
+        layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+        factors[mode] = layer.weight_a.detach().double() @ layer.weight_b.detach().double()
+    torch.testing.assert_close(factors["compensate"], factors["none"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [({"closed_loop": "compensating"}, "closed_loop must be one of"),
+                                               ({"closed_loop": "compensate", "whitening": "none"}, "whitening")])
+def test_bad_closed_loop_settings_are_clear_errors(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        CompressionConfig(**settings)
+
+
+def test_version_1_configs_with_the_sequential_flag_still_read():
+    assert CompressionConfig.from_dict({"sequential": True, "version": 1}).closed_loop == "sequential"
+    assert CompressionConfig.from_dict({"sequential": False, "version": 1}).closed_loop == "none"
+
+
+def test_the_estimate_counts_the_closed_loops_streams():
+    from conftest import tiny_config
+    from rankcut.estimate import estimate_compression
+
+    factorize = {mode: estimate_compression(tiny_config("llama"), CompressionConfig(closed_loop=mode)).stages["factorize"]
+                 for mode in ("none", "sequential", "compensate")}
+    assert factorize["none"] < factorize["sequential"] < factorize["compensate"]
