@@ -114,3 +114,75 @@ def test_the_estimate_counts_the_closed_loops_streams():
     factorize = {mode: estimate_compression(tiny_config("llama"), CompressionConfig(closed_loop=mode)).stages["factorize"]
                  for mode in ("none", "sequential", "compensate")}
     assert factorize["none"] < factorize["sequential"] < factorize["compensate"]
+    refined = estimate_compression(tiny_config("llama"), CompressionConfig(closed_loop="compensate", refine_steps=10))
+    assert refined.stages["factorize"] > factorize["compensate"]
+
+
+def refined_run(steps, lr=1e-3, work=None, ids=None):
+    config = CompressionConfig(keep_ratio=0.5, allocator="uniform", closed_loop="compensate", refine_steps=steps,
+                               refine_lr=lr)
+    return compress(tiny_model(), config, calibration=calibration_ids(16, 24, seed=7) if ids is None else ids,
+                    show_progress=False, work_dir=work)
+
+
+def test_refinement_lowers_the_block_errors_and_keeps_the_parameter_count():
+    ids = calibration_ids(16, 24, seed=7)
+    dense = final_hidden(tiny_model(), ids)
+    plain, plain_report = refined_run(0)
+    model, report = refined_run(30)
+    assert report.measured["target_params"] == plain_report.measured["target_params"] == report.plan.total_cost
+    refinements = [d["refinement"] for d in report.diagnostics.values()]
+    assert all(r["error_after"] <= r["error_before"] for r in refinements)
+    assert any(r["kept"] and r["error_after"] < 0.9 * r["error_before"] for r in refinements)
+    assert (final_hidden(model, ids) - dense).square().mean() < (final_hidden(plain, ids) - dense).square().mean()
+
+
+def test_refinement_that_would_raise_the_error_is_undone():
+    from rankcut.calibration import BlockStream
+    from rankcut.refine import block_error, factor_parameters, refine_block
+
+    model, _ = refined_run(0)
+    ids = calibration_ids(16, 24, seed=7)
+    stream = BlockStream(tiny_model(), [], ids, 8)  # block 0's inputs: the embeddings are not compressed
+    hidden, kwargs = stream.capture()
+    block = model.model.layers[0]
+    modules = [m for m in block.modules() if type(m).__name__ == "PivGaLinear"]
+    targets = [h + 0.1 for h in stream.forward_block(block, hidden, kwargs[0])]
+    before = [p.detach().clone() for p in factor_parameters(modules)]
+    report = refine_block(block, modules, hidden, targets, kwargs[0], steps=5, lr=10.0, seed=0)  # diverges
+    assert not report["kept"] and report["error_after"] == report["error_before"]
+    assert all(torch.equal(p, q) for p, q in zip(factor_parameters(modules), before))
+    assert block_error(block, hidden, targets, kwargs[0]) == report["error_before"]
+
+
+def test_a_run_killed_mid_refinement_resumes_to_identical_logits(tmp_path, monkeypatch):
+    import importlib
+
+    compress_module = importlib.import_module("rankcut.compress")
+    ids = calibration_ids(16, 24, seed=7)
+    reference, expected = refined_run(10)
+    calls = []
+    original = compress_module.refine_block
+
+    def crash_in_block_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "refine_block", crash_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        refined_run(10, work=tmp_path / "work")
+    monkeypatch.setattr(compress_module, "refine_block", original)
+    model, report = refined_run(10, work=tmp_path / "work")
+    assert report.plan.ranks == expected.plan.ranks
+    assert torch.equal(final_hidden(model, ids), final_hidden(reference, ids))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"closed_loop": "compensate", "refine_steps": -1}, "refine_steps must be"),
+    ({"closed_loop": "compensate", "refine_steps": 5, "refine_lr": 0}, "refine_lr must be"),
+    ({"closed_loop": "sequential", "refine_steps": 5}, "needs closed_loop 'compensate'")])
+def test_bad_refinement_settings_are_clear_errors(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        CompressionConfig(**settings)

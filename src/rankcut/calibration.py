@@ -171,6 +171,7 @@ class BlockStream:
                 progress(1)
 
     def run_compensating(self, on_group: Callable[[int, PairedStatistics], None], on_block: Callable[[int], None], *,
+                         refine: Callable[[int, nn.Module, list, list, list], None] | None = None,
                          progress: Callable[..., None] | None = None, start_block: int = 0,
                          hidden: list[torch.Tensor] | None = None,
                          on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None) -> None:
@@ -178,9 +179,10 @@ class BlockStream:
         input group by input group in the order the data flows (q/k/v, then o; gate/up, then down: the
         order the modules are called in, not their names). For each group, ``on_group(block, stats)``
         gets the compressed path's inputs ``X̃`` (after the groups before it were replaced) with their
-        cross-Gram against the dense inputs ``X``, and replaces the group's modules; ``on_block(block)``
-        follows the block's last group. Then both paths move on: the dense block's outputs and the
-        compressed block's.
+        cross-Gram against the dense inputs ``X``, and replaces the group's modules. After the block's
+        last group, ``refine(block_index, block, compressed_inputs, dense_outputs, kwargs)`` may train
+        the block's factors, then ``on_block(block_index)`` follows. Both paths then move on: the dense
+        block's outputs and the compressed block's.
 
         Resume as :meth:`run`, with ``hidden`` the dense inputs of ``start_block`` followed by the
         compressed ones, as ``on_outputs`` receives them.
@@ -203,10 +205,12 @@ class BlockStream:
             originals = {name: self.model.get_submodule(name) for name in names}  # the dense modules
             for group in self._groups_in_flow_order(block, dense[0], kwargs[0], names):
                 on_group(index, self._paired_statistics(block, group, originals, dense, compressed, kwargs))
-            on_block(index)
             with self._swapped(originals):
-                dense = self.forward_block(block, dense, kwargs)
-            compressed = self.forward_block(block, compressed, kwargs)
+                dense_outputs = self.forward_block(block, dense, kwargs)
+            if refine is not None:
+                refine(index, block, compressed, dense_outputs, kwargs)
+            on_block(index)
+            dense, compressed = dense_outputs, self.forward_block(block, compressed, kwargs)
             self.weights.offload([self.block_name(index)])
             if on_outputs is not None:
                 on_outputs(index + 1, dense + compressed)

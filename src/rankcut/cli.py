@@ -151,6 +151,10 @@ def compress(
     closed_loop: Annotated[str, typer.Option(
         help="none | sequential (refit each block to the compressed upstream's inputs) | compensate (fit each "
              "module's compressed-path output to the dense model's)")] = "none",
+    refine_steps: Annotated[int, typer.Option(
+        help="with --closed-loop compensate: Adam steps per block on its factors towards the dense block's "
+             "outputs, one calibration batch (--batch-size windows) per step")] = 0,
+    refine_lr: float = 1e-4,
     exclude: Annotated[list[str], typer.Option(help="module name patterns to keep dense, repeatable")] = [],
     data_dir: DataDirOption = None,
     device: str = "auto",
@@ -191,7 +195,7 @@ def compress(
     config = CompressionConfig(
         keep_ratio=keep, allocator=allocator, allocator_options=_parse_options(allocator_option),
         whitening=whitening, whitening_options=_parse_options(whitening_option), factor_format=factor_format,
-        closed_loop=closed_loop, exclude=list(exclude),
+        closed_loop=closed_loop, refine_steps=refine_steps, refine_lr=refine_lr, exclude=list(exclude),
         calibration=CalibrationConfig(calib, calib_split, nsamples, seqlen, seed, batch_size,
                                       str(data_dir) if data_dir else None),
     )

@@ -49,6 +49,7 @@ from .memory import peak_rss
 from .models import load_tokenizer
 from .plan import DENSE, FACTOR_FORMATS, Budget, RankPlan
 from .progress import progress_bar
+from .refine import refine_block
 from .registry import PluginConfig
 from .sweep import ModelStream
 from .targets import TargetModule, find_decoder_blocks, find_targets, set_submodule
@@ -92,6 +93,8 @@ class CompressionConfig:
     # PivGa by default: the same budget buys more rank (SmolLM2 keep 0.8: perplexity 92.9 -> 53.9, benchmarks/)
     factor_format: Literal["plain", "pivga"] = "pivga"
     closed_loop: Literal["none", "sequential", "compensate"] = "none"
+    refine_steps: int = 0  # Adam steps per block on its factors after the compensating fit (0: none)
+    refine_lr: float = 1e-4
     exclude: list[str] = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     version: int = CONFIG_VERSION
@@ -111,6 +114,13 @@ class CompressionConfig:
         if self.closed_loop != "none" and self.whitening == "none":
             raise ConfigError(f"closed_loop {self.closed_loop!r} fits modules to calibration statistics; "
                               "it needs a whitening other than 'none'")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise ConfigError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
+        if isinstance(self.refine_lr, bool) or not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
+            raise ConfigError(f"refine_lr must be > 0, got {self.refine_lr!r}")
+        if self.refine_steps and self.closed_loop != "compensate":
+            raise ConfigError("refine_steps needs closed_loop 'compensate': refinement trains each block towards the "
+                              "dense model's outputs, which only the compensating pass carries")
         if self.version > CONFIG_VERSION:
             raise ConfigError(f"config version {self.version} is newer than this rankcut supports ({CONFIG_VERSION})")
         self.calibration.validate()
@@ -621,15 +631,18 @@ def _replace(model: nn.Module, target: TargetModule, spectra: dict[str, Spectrum
 
 
 def _factorize_open_loop(model, weights, targets, spectra, plan, factor_format: str, hand_over,
-                         blocks: range | None = None) -> None:
+                         blocks: range | None = None, restore=None) -> None:
     """Replace the targets of ``blocks`` (all by default) by their factors at the planned rank, one block
-    resident at a time, each handed over once done."""
+    resident at a time, each handed over once done (after ``restore(index)``, which may put back what a
+    resumed pass had trained)."""
     prefix, decoder_blocks = find_decoder_blocks(model, with_linears=False)
     for index in blocks if blocks is not None else range(len(decoder_blocks)):
         block = f"{prefix}.{index}"
         weights.onload([block])
         for target in (t for t in targets if t.block == index):
             _replace(model, target, spectra, plan, factor_format)
+        if restore is not None:
+            restore(index)
         if hand_over is not None:
             hand_over(block)
         weights.offload([block])
@@ -667,14 +680,22 @@ def _factorize_sequential(model, weights, targets, calibration, config, decompos
 def _factorize_compensating(model, weights, targets, calibration, config, decomposer, plan, show_progress,
                             work: WorkDir | None, hand_over) -> None:
     """Factorize every target by the compensating fit (:meth:`BlockStream.run_compensating`), group by
-    group; each block's cut factors are checkpointed, so a rerun resumes at the first block not done."""
+    group, then refine each block's factors when asked (:func:`refine_block`); each block's cut factors
+    and refined parameters are checkpointed, so a rerun resumes at the first block not done."""
     stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights)
     checkpoints = work.blocks("compensate", len(stream.blocks)) if work is not None else None
     state = _resume(checkpoints, stream.device, decomposer)
     by_name = {t.name: t for t in targets}
+
+    def restore(index: int) -> None:
+        with torch.no_grad():
+            for name, tensor in checkpoints.refined(index).items():
+                model.get_parameter(name).copy_(tensor)
+
     _factorize_open_loop(model, weights, targets, state.spectra, plan, config.factor_format, hand_over,
-                         range(state.next_block))
+                         range(state.next_block), restore if checkpoints is not None else None)
     kept: dict[str, Spectrum] = {}
+    refined: dict[str, torch.Tensor] = {}
 
     def factorize_group(_block: int, statistics: PairedStatistics) -> None:
         group_spectra = decomposer.compensating(statistics)
@@ -683,12 +704,22 @@ def _factorize_compensating(model, weights, targets, calibration, config, decomp
         for name in list(group_spectra):
             _replace(model, by_name[name], group_spectra, plan, config.factor_format)
 
+    def refine(index: int, block: nn.Module, inputs, outputs, kwargs) -> None:
+        names = [t.name for t in targets if t.block == index and plan.ranks[t.name] != DENSE]
+        report = refine_block(block, [model.get_submodule(name) for name in names], inputs, outputs, kwargs,
+                              steps=config.refine_steps, lr=config.refine_lr, seed=config.calibration.seed + index)
+        for name in names:
+            decomposer.diagnostics[name]["refinement"] = report
+            refined.update({f"{name}.{key}": p for key, p in model.get_submodule(name).named_parameters()
+                            if key != "bias"})
+
     def block_done(index: int) -> None:
         if checkpoints is not None:
             names = [t.name for t in targets if t.block == index]
             checkpoints.save_block(index, {n: kept[n] for n in names if n in kept},
-                                   {n: decomposer.diagnostics[n] for n in names})
+                                   {n: decomposer.diagnostics[n] for n in names}, refined)
         kept.clear()
+        refined.clear()
         if hand_over is not None:
             hand_over(stream.block_name(index))
 
@@ -696,8 +727,8 @@ def _factorize_compensating(model, weights, targets, calibration, config, decomp
                       enabled=show_progress) as advance:
         advance(state.next_block)
         if state.next_block < len(stream.blocks):
-            stream.run_compensating(factorize_group, block_done, progress=advance, start_block=state.next_block,
-                                    hidden=state.hidden,
+            stream.run_compensating(factorize_group, block_done, refine=refine if config.refine_steps else None,
+                                    progress=advance, start_block=state.next_block, hidden=state.hidden,
                                     on_outputs=checkpoints.save_activations if checkpoints is not None else None)
 
 

@@ -151,6 +151,10 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
         # compensate: one group's cross-Gram X X̃ᵀ (float64 total, float32 batch product) beside the Grams
         host_side["factorize"].update({"Grams": grams + (12 * widest ** 2 if streams == 2 else 0),
                                        "decompositions": decomposition})
+        if config.refine_steps:  # the block's factors with Adam's two moments, one batch's autograd tensors
+            run_side["factorize"]["refinement"] = (3 * block * size + batch_tokens * (12 * hidden + 4 * intermediate) * size
+                                                   + min(calibration.batch_size, calibration.nsamples) * heads
+                                                   * calibration.seqlen ** 2 * 4)
     if on_device:
         host = {stage: host_side[stage] for stage in run_side}
         device_terms = run_side

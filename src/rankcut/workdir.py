@@ -49,6 +49,7 @@ RUN_FILE = "run.json"
 PLAN_FILE = "plan.json"
 LOCK_FILE = "lock"
 ACTIVATIONS = "activations.safetensors"
+REFINED = "refined:"  # key prefix of a block checkpoint's refined parameters
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -157,8 +158,11 @@ class BlockCheckpoints:
     def _block_file(self, index: int) -> Path:
         return self.folder / f"block-{index:04d}.safetensors"
 
-    def save_block(self, index: int, spectra: Mapping[str, Spectrum], diagnostics: Mapping[str, dict]) -> None:
-        tensors = {}
+    def save_block(self, index: int, spectra: Mapping[str, Spectrum], diagnostics: Mapping[str, dict],
+                   refined: Mapping[str, torch.Tensor] | None = None) -> None:
+        """The block's spectra and diagnostics; ``refined``: parameters (by full name) trained after the
+        factors were cut, which a resumed run puts back (:meth:`refined`)."""
+        tensors = {f"{REFINED}{name}": t.detach().contiguous() for name, t in (refined or {}).items()}
         for name, spectrum in spectra.items():
             tensors.update({f"{name}/u": spectrum.u.contiguous(), f"{name}/sigma": spectrum.sigma.contiguous(),
                             f"{name}/b_full": spectrum.b_full.contiguous()})
@@ -183,6 +187,16 @@ class BlockCheckpoints:
                 spectra = {name: StoredSpectrum(path, name, handle.get_tensor(f"{name}/sigma").clone()) for name in names}
                 return spectra, json.loads(metadata["diagnostics"])
         except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
+            raise _unreadable(path, error) from error
+
+    def refined(self, index: int) -> dict[str, torch.Tensor]:
+        """The refined parameters saved with block ``index`` (empty when it was not refined)."""
+        path = self._block_file(index)
+        try:
+            with safe_open(path, "pt") as handle:
+                return {key[len(REFINED):]: handle.get_tensor(key).clone() for key in handle.keys()
+                        if key.startswith(REFINED)}
+        except (OSError, SafetensorError) as error:
             raise _unreadable(path, error) from error
 
     def resume(self, device: torch.device) -> Resumed:
