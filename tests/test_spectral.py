@@ -4,7 +4,7 @@ import torch
 from conftest import calibration_ids, tiny_model
 from rankcut import CompressionConfig, compress
 from rankcut.allocation import AllocationContext, create_allocator
-from rankcut.allocation.spectral import TailAverage, language_model_loss, spectral_view, training_steps
+from rankcut.allocation.spectral import TailAverage, TrainingSchedule, language_model_loss, spectral_view
 from rankcut.calibration import BlockStream
 from rankcut.compress import _Decomposer
 from rankcut.plan import Budget
@@ -54,10 +54,10 @@ def test_gradients_reach_only_the_gates():
 
 
 def test_training_steps_cover_the_epochs_unless_given():
-    assert training_steps(None, 1.0, 256, 2) == 128
-    assert training_steps(None, 2.5, 10, 4) == 7  # ceil(25 / 4)
-    assert training_steps(None, 1.0, 3, 8) == 1  # a batch holds every window
-    assert training_steps(12, 5.0, 256, 2) == 12
+    assert TrainingSchedule().steps_for(256) == 128
+    assert TrainingSchedule(epochs=2.5, batch_size=4).steps_for(10) == 7  # ceil(25 / 4)
+    assert TrainingSchedule(batch_size=8).steps_for(3) == 1  # a batch holds every window
+    assert TrainingSchedule(epochs=5.0, steps=12).steps_for(256) == 12
 
 
 def test_tail_average_is_the_mean_of_the_last_steps():

@@ -57,18 +57,13 @@ from ..progress import progress_bar
 from ..registry import PluginConfig
 from .base import ALLOCATORS, Allocation, AllocationContext, Allocator, Priority, energy_priority
 from .baselines import uniform_rank
-from .spectral import (SpectralLinear, TailAverage, batches, gradient_checkpointing, language_model_loss,
-                       spectral_view, training_steps)
+from .spectral import (SpectralLinear, TailAverage, TrainingSchedule, batches, gradient_checkpointing,
+                       language_model_loss, spectral_view)
 
 
 @dataclass
-class ARAConfig(PluginConfig):
-    epochs: float = 1.0  # passes over the calibration windows (the paper trains for epochs)
-    steps: int | None = None  # Adam steps on the logits; None: as many as the epochs take
-    batch_size: int = 2  # calibration windows per step
-    seqlen: int | None = None  # train on the first seqlen tokens of each window (None: whole windows)
+class ARAConfig(TrainingSchedule):
     lr: float = 0.05  # Adam on logits (nats per step), decayed to 0 along a cosine
-    average: float = 0.5  # read out from the logits averaged over this last fraction of the steps
     lambda_c: float = 1000.0  # weight of (R_glob - keep_ratio)²
     lambda_g: float = 10.0  # weight of the guidance loss
     guidance: Literal["none", "G1", "G2"] = "G2"
@@ -83,14 +78,7 @@ class ARAConfig(PluginConfig):
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA only
 
     def validate(self) -> None:
-        if self.batch_size < 1 or (self.steps is not None and self.steps < 1):
-            raise ConfigError(f"ara steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
-        if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ConfigError(f"ara epochs must be > 0, got {self.epochs}")
-        if not 0 <= self.average < 1:
-            raise ConfigError(f"ara average must be in [0, 1), got {self.average}")
-        if self.seqlen is not None and self.seqlen < 2:
-            raise ConfigError(f"ara seqlen must be >= 2 or none, got {self.seqlen}")
+        super().validate()
         if not self.lr > 0:
             raise ConfigError(f"ara lr must be > 0, got {self.lr}")
         if self.lambda_c < 0 or self.lambda_g < 0:
@@ -231,7 +219,7 @@ class ARAAllocator(Allocator):
         checkpointing = config.checkpointing == "on" or (config.checkpointing == "auto" and device.type == "cuda")
         windows = context.calibration if config.seqlen is None else context.calibration[:, : config.seqlen]
         masks = StaircaseMasks(budget, config, device)
-        steps = training_steps(config.steps, config.epochs, windows.shape[0], config.batch_size)
+        steps = config.steps_for(windows.shape[0])
         optimizer = torch.optim.Adam(masks.logits.values(), lr=config.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         averages = {name: TailAverage(steps, config.average) for name in masks.logits}

@@ -68,36 +68,23 @@ from ..progress import progress_bar
 from ..registry import PluginConfig
 from .base import ALLOCATORS, Allocation, AllocationContext, Allocator
 from .baselines import uniform_rank
-from .spectral import (SpectralLinear, TailAverage, batches, gradient_checkpointing, language_model_loss,
-                       spectral_view, training_steps)
+from .spectral import (SpectralLinear, TailAverage, TrainingSchedule, batches, gradient_checkpointing,
+                       language_model_loss, spectral_view)
 
 SCORE_FRACTION = 0.25  # ΔL_i for the readout is averaged over this last fraction of the steps
 
 
 @dataclass
-class FermiTrainingConfig(PluginConfig):
+class FermiTrainingConfig(TrainingSchedule):
     """Options shared by ``fermigrad`` and ``dobi``."""
 
-    epochs: float = 1.0  # passes over the calibration windows
-    steps: int | None = None  # steps on μ; None: as many as the epochs take (SmolLM2-135M, 2 x 256 tokens:
-    #                           8.5-15 s/step measured on one busy core)
-    batch_size: int = 2  # calibration windows per step
-    seqlen: int | None = None  # train on the first seqlen tokens of each window (None: whole windows)
     lr: float = 2.0  # step on μ, in rank units, decayed to 0 along a cosine
-    average: float = 0.5  # read out from μ averaged over this last fraction of the steps
     objective: Literal["ce", "kl"] = "ce"  # next-token CE, or KL(dense ‖ gated) (one more forward per step)
     fill_priority: Literal["gradient", "energy"] = "gradient"  # readout repair/fill by ΔL_i or σ_i²
     checkpointing: bool = False  # recompute each decoder block in backward (less memory, ≈ +1 forward)
 
     def validate(self) -> None:
-        if self.batch_size < 1 or (self.steps is not None and self.steps < 1):
-            raise ConfigError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
-        if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        if not 0 <= self.average < 1:
-            raise ConfigError(f"average must be in [0, 1), got {self.average}")
-        if self.seqlen is not None and self.seqlen < 2:
-            raise ConfigError(f"seqlen must be >= 2 or none, got {self.seqlen}")
+        super().validate()
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
@@ -297,7 +284,7 @@ def train_ranks(context: AllocationContext, system: FermiSystem, mu: torch.Tenso
     dtype = next(model.parameters()).dtype
     eps = torch.finfo(dtype).eps
     windows = context.calibration if config.seqlen is None else context.calibration[:, : config.seqlen]
-    steps = training_steps(config.steps, config.epochs, windows.shape[0], config.batch_size)
+    steps = config.steps_for(windows.shape[0])
     temperature = temperatures(steps)
     stream = batches(windows, min(config.batch_size, windows.shape[0]), context.seed)
     objective = context.objective or language_model_loss

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import torch
@@ -21,6 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..decomposition import Spectrum
+from ..errors import ConfigError
+from ..registry import PluginConfig
 from ..targets import TargetModule, set_submodule
 
 
@@ -107,11 +110,32 @@ def gradient_checkpointing(model: nn.Module, enabled: bool = True) -> Iterator[N
         model.train(was_training)
 
 
-def training_steps(steps: int | None, epochs: float, windows: int, batch_size: int) -> int:
-    """``steps`` when given, else enough batches for ``epochs`` passes over the ``windows``."""
-    if steps is not None:
-        return steps
-    return max(1, math.ceil(epochs * windows / min(batch_size, windows)))
+@dataclass
+class TrainingSchedule(PluginConfig):
+    """How a learned allocator (ara, fermigrad, dobi) walks the calibration data: for epochs over whole
+    windows, as the papers train, and read out from parameters averaged over the last steps."""
+
+    epochs: float = 1.0  # passes over the calibration windows
+    steps: int | None = None  # optimizer steps; None: as many as the epochs take
+    batch_size: int = 2  # calibration windows per step
+    seqlen: int | None = None  # train on the first seqlen tokens of each window (None: whole windows)
+    average: float = 0.5  # read out from the parameters averaged over this last fraction of the steps
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or (self.steps is not None and self.steps < 1):
+            raise ConfigError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if not 0 <= self.average < 1:
+            raise ConfigError(f"average must be in [0, 1), got {self.average}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise ConfigError(f"seqlen must be >= 2 or none, got {self.seqlen}")
+
+    def steps_for(self, windows: int) -> int:
+        """``steps`` when given, else enough batches for ``epochs`` passes over ``windows`` windows."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * windows / min(self.batch_size, windows)))
 
 
 class TailAverage:
