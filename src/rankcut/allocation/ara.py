@@ -54,7 +54,6 @@ from ..decomposition import Spectrum
 from ..errors import ConfigError
 from ..plan import DENSE, Budget, Rank, RankPlan
 from ..progress import progress_bar
-from ..registry import PluginConfig
 from .base import ALLOCATORS, Allocation, AllocationContext, Allocator, Priority, energy_priority
 from .baselines import uniform_rank
 from .spectral import (SpectralLinear, TailAverage, TrainingSchedule, batches, gradient_checkpointing,

@@ -65,7 +65,6 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..plan import DENSE, Budget, Rank, RankPlan
 from ..progress import progress_bar
-from ..registry import PluginConfig
 from .base import ALLOCATORS, Allocation, AllocationContext, Allocator
 from .baselines import uniform_rank
 from .spectral import (SpectralLinear, TailAverage, TrainingSchedule, batches, gradient_checkpointing,
