@@ -8,6 +8,10 @@ the separable ``Σ_l w_l Σ_{i>k_l} σ²_{l,i}``. With decreasing ``σ²`` its o
 greedy gain-per-parameter plan (the ``energy`` allocator on ``σ'``). Each allocator runs through its real
 code path (:class:`SpectralLinear` gates, the allocator's own training loop and readout) and must close
 at least 90% of the loss gap between the uniform plan and that optimum.
+
+zerosum is not among them, by nature rather than by omission: its first-order scores are ``∂L/∂g`` at
+the gates of the plan so far, and this loss is flat there (``∂/∂g (1 − g)² = 0`` at ``g = 1``), so it
+cannot rank components on it.
 """
 
 from __future__ import annotations
@@ -74,18 +78,25 @@ def allocate(problem: SeparableProblem, name: str, options: dict, keep: float, f
     return create_allocator(name, options).allocate(context)
 
 
+# Steps each needs on this problem (measured): fermigrad 200; ara 1000 (200 steps close 71-87%); dobi 3000
+# at Dobi-SVD's penalty 200 (1000 steps close 88-96%; penalty 20 closes 97-100% in 1000).
+LEARNED = {"fermigrad": {"steps": 200, "batch_size": 1}, "ara": {"steps": 1000, "batch_size": 1},
+           "dobi": {"steps": 3000, "batch_size": 1}}
+
+
 @pytest.mark.parametrize("factor_format", ["plain", "pivga"])
 @pytest.mark.parametrize("keep", [0.5, 0.3])
-def test_fermigrad_closes_the_gap_to_the_known_optimum(keep, factor_format):
+@pytest.mark.parametrize("name", list(LEARNED))
+def test_learned_allocators_close_the_gap_to_the_known_optimum(name, keep, factor_format):
     problem = SeparableProblem()
     uniform = problem.plan_loss(allocate(problem, "uniform", {}, keep, factor_format))
     optimum = problem.plan_loss(allocate(problem, "energy", {}, keep, factor_format))
     assert optimum < 0.5 * uniform  # the problem separates the plans
-    plan = allocate(problem, "fermigrad", {"steps": 200, "batch_size": 1}, keep, factor_format)
+    plan = allocate(problem, name, LEARNED[name], keep, factor_format)
     learned = problem.plan_loss(plan)
     closed = (uniform - learned) / (uniform - optimum)
     assert closed >= 0.9, (f"closed {closed:.1%} of the gap: uniform {uniform:.4g}, optimum {optimum:.4g}, "
-                           f"fermigrad {learned:.4g}, ranks {plan.ranks}, readout {plan.info['readout']['mu']}")
+                           f"{name} {learned:.4g}, ranks {plan.ranks}")
 
 
 def test_the_loss_is_the_separable_tail_energy_at_hard_gates():

@@ -223,6 +223,7 @@ class ARAAllocator(Allocator):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         averages = {name: TailAverage(steps, config.average) for name in masks.logits}
         stream = batches(windows, min(config.batch_size, windows.shape[0]), context.seed)
+        objective = context.objective or language_model_loss
         spectra = {name: _leading(context.spectra[name], logits.numel()) for name, logits in masks.logits.items()}
         curve: list[dict[str, float]] = []
         start = time.perf_counter()
@@ -234,7 +235,7 @@ class ARAAllocator(Allocator):
                 masks.apply(state, layers)
                 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
                 with autocast:
-                    ce = language_model_loss(model, next(stream))
+                    ce = objective(model, next(stream))
                 ratio = masks.global_ratio(state)
                 loss = ce + config.lambda_c * (ratio - budget.keep_ratio) ** 2 + config.lambda_g * masks.guidance(state)
                 optimizer.zero_grad(set_to_none=True)
