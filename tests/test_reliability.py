@@ -535,9 +535,11 @@ def test_artifact_config_sections_must_be_objects(artifact_copy, section):
     ({"type": "lowrank", "rank": 2}, "lack 2 factor tensor.*weight_a"),
 ])
 def test_weights_that_do_not_match_the_config_are_refused(artifact_copy, description, message):
-    """A consistent manifest, but the config describes layers the weights are not: never load random weights."""
-    rewrite_config(artifact_copy, lambda c: c["quantization_config"]["modules"].__setitem__(
-        "model.layers.0.mlp.up_proj", description))
+    """A consistent manifest, but the config describes layers the weights are not (a module stored dense
+    described as factorized): never load random weights."""
+    ranks = json.loads((artifact_copy / "config.json").read_text())["quantization_config"]["plan"]["ranks"]
+    dense = next(name for name, rank in ranks.items() if rank == "dense")
+    rewrite_config(artifact_copy, lambda c: c["quantization_config"]["modules"].__setitem__(dense, description))
     with pytest.raises(ArtifactError, match=message):
         rankcut.load(artifact_copy)
 
