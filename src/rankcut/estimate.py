@@ -18,8 +18,9 @@ largest stage:
   dense and compressed, and one input group's cross-Gram).
 
 On CUDA the blocks, activations and allocator work are on the device; Grams and decompositions stay on
-the host. Disk: the spectra (``U`` and ``Bfull`` in float32), one block's activations, every block's
-saved inputs of a streamed allocator's sweep, and the artifact.
+the host. Disk: the spectra (``U`` and ``Bfull`` in float32), one block's activations, what a streamed
+allocator leaves on disk (zerosum: every block's saved inputs; strs: every probe's activations), and the
+artifact.
 The per-token activation factors were measured on the synthetic LLaMA checkpoints of
 ``benchmarks/scale.py``; ``benchmarks/RESULTS-scale.md`` compares predictions with measured peaks.
 """
@@ -176,7 +177,12 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
     peak = max(device_stages if on_device else host_stages, key=(device_stages if on_device else host_stages).get)
     targets_dense = sum(t.out_features * t.in_features for t in targets)
     artifact = int(config.keep_ratio * targets_dense + total - targets_dense) * size
-    sweep = len(blocks) * _sweep_inputs(config, hidden, size) if create_allocator(config.allocator, config.allocator_options).streamed else 0
+    allocator = create_allocator(config.allocator, config.allocator_options)
+    sweep = 0
+    if allocator.streamed:
+        batch = min(allocator.config.batch_size, calibration.nsamples)
+        sweep = _streamed_terms(config, allocator.config, targets, block, outer, size, hidden, intermediate, vocab,
+                                len(blocks), 0, batch, calibration.seqlen)[1]
     return MemoryEstimate(
         host_bytes=RUNTIME_BYTES + max(host_stages.values()),
         device_bytes=max(device_stages.values()) if on_device else 0,
@@ -205,17 +211,8 @@ def _allocator_terms(config, targets, total: int, block: int, outer: int, size: 
     # attention probabilities
     autograd_block = tokens * (12 * hidden + 4 * intermediate) * size + batch * heads * seqlen * seqlen * 4
     if allocator.streamed:
-        saved = _sweep_inputs(config, hidden, size)
-        # the float64 projection of the largest module's gradient onto its spectrum: G, U, Bfull, G Bfullᵀ
-        projection = max(8 * (2 * t.out_features * t.in_features + t.out_features * min(t.shape)
-                              + min(t.shape) * t.in_features) for t in targets)
-        backward = {"block weights and gradient sums": block * (size + max(size, 4)),
-                    "saved inputs and their gradients": 3 * saved, "block autograd": autograd_block,
-                    "score projection (float64)": projection}
-        head = {"embeddings and head": outer * size, "last outputs and their gradient": 2 * saved,
-                # logits, their float32 copy and gradient; a chunk is at most one batch's predicted positions
-                "logits of one chunk": 3 * 4 * vocab * min(LOGITS_BYTES // (4 * vocab), batch * (seqlen - 1))}
-        return backward if sum(backward.values()) >= sum(head.values()) else head
+        return _streamed_terms(config, options, targets, block, outer, size, hidden, intermediate, vocab, blocks,
+                               autograd_block, batch, seqlen)[0]
     factors = sum(t.out_features * min(t.shape) + min(t.shape) * t.in_features for t in targets)
     checkpointing = bool(getattr(options, "checkpointing", False))
     if config.allocator == "strs":  # forward passes only
@@ -229,10 +226,35 @@ def _allocator_terms(config, targets, total: int, block: int, outer: int, size: 
             "logits": 5 * tokens * vocab * 4}
 
 
-def _sweep_inputs(config, hidden: int, size: int) -> int:
-    """Bytes of one block's saved inputs in a streamed allocator's gradient sweep (its windows)."""
-    windows = getattr(create_allocator(config.allocator, config.allocator_options).config, "windows", None)
-    return min(windows or config.calibration.nsamples, config.calibration.nsamples) * config.calibration.seqlen * hidden * size
+def _streamed_terms(config, options, targets, block: int, outer: int, size: int, hidden: int, intermediate: int,
+                    vocab: int, blocks: int, autograd_block: int, batch: int, seqlen: int) -> tuple[dict[str, int], int]:
+    """A streamed allocator's largest stage (one block, or the head) and its disk: zerosum's gradient
+    sweep (every block's saved inputs on disk), or strs's probe pass (every probe's activations)."""
+    # one chunk's logits, their float32 copy, log-softmax and two gradients (as for the whole-model allocators)
+    chunk_logits = 5 * 4 * vocab * min(LOGITS_BYTES // (4 * vocab), batch * (seqlen - 1))
+    largest = max(8 * (t.out_features * min(t.shape) + min(t.shape) * t.in_features) for t in targets)
+    if config.allocator == "strs":  # forward only: one chunk's logits and log-softmax
+        length = min(options.tokens or seqlen, seqlen)
+        tokens = min(options.windows, config.calibration.nsamples) * length
+        chunk_logits = 2 * 4 * vocab * min(LOGITS_BYTES // (4 * vocab), options.batch_size * (length - 1))
+        probe = tokens * hidden * size  # one probe's activations
+        per_block = max(sum(1 for t in targets if t.block == index) for index in range(blocks)) * len(options.keep_ratios)
+        stages = [{"block weights": block * size, "one block's probes, in and out": 2 * per_block * probe,
+                   "block forward workspace": tokens * (3 * intermediate + 6 * hidden) * size,
+                   "a truncated module's factors": largest},
+                  {"embeddings and head": outer * size, "one block's probes": per_block * probe,
+                   "logits of one chunk": chunk_logits}]
+        return max(stages, key=lambda terms: sum(terms.values())), blocks * per_block * probe
+    saved = min(options.windows or config.calibration.nsamples, config.calibration.nsamples) * config.calibration.seqlen * hidden * size
+    # the float64 projection of the largest module's gradient onto its spectrum: G, U, Bfull, G Bfullᵀ
+    projection = max(8 * (2 * t.out_features * t.in_features + t.out_features * min(t.shape)
+                          + min(t.shape) * t.in_features) for t in targets)
+    stages = [{"block weights and gradient sums": block * (size + max(size, 4)),
+               "saved inputs and their gradients": 3 * saved, "block autograd": autograd_block,
+               "score projection (float64)": projection},
+              {"embeddings and head": outer * size, "last outputs and their gradient": 2 * saved,
+               "logits of one chunk": chunk_logits}]
+    return max(stages, key=lambda terms: sum(terms.values())), blocks * saved
 
 
 def _product(shape: tuple[int, ...]) -> int:
