@@ -114,6 +114,18 @@ def test_compress_then_ppl_on_the_artifact(tiny_folder, tmp_path, data_dir):
     assert json.loads((tmp_path / "ppl.json").read_text())["windows"] == 2
 
 
+def test_compress_with_the_compensating_closed_loop_and_refinement(tiny_folder, tmp_path, data_dir):
+    out = tmp_path / "compensated"
+    result = run_cli("compress", "--model", str(tiny_folder), "--keep", "0.6", "--allocator", "uniform",
+                     "--calib", "wikitext2", "--calib-split", "validation", "--nsamples", "8", "--seqlen", "64",
+                     "--closed-loop", "compensate", "--refine-steps", "3", "--out", str(out), "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "rankcut_report.json").read_text())
+    assert report["config"]["closed_loop"] == "compensate" and report["config"]["refine_steps"] == 3
+    assert all(d["fit"] == "compensating" and "refinement" in d
+               for name, d in report["diagnostics"].items() if report["plan"]["ranks"][name] != "dense")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--keep", "1.5"], "keep_ratio must be in (0, 1]"),
     (["--keep", "0"], "keep_ratio must be in (0, 1]"),
@@ -122,6 +134,9 @@ def test_compress_then_ppl_on_the_artifact(tiny_folder, tmp_path, data_dir):
     (["--whitening-option", "damping=lots"], "expects float"),
     (["--seqlen", "100000"], "beyond the model's context length"),
     (["--nsamples", "100000", "--seqlen", "200"], "calibration"),
+    (["--closed-loop", "always"], "closed_loop must be one of"),
+    (["--refine-steps", "5"], "refine_steps needs closed_loop 'compensate'"),
+    (["--closed-loop", "compensate", "--refine-steps", "-2"], "refine_steps must be an integer >= 0"),
 ])
 def test_bad_compress_input_gets_a_clear_message(tiny_folder, tmp_path, data_dir, args, message):
     result = run_cli("compress", "--model", str(tiny_folder), "--out", str(tmp_path / "o"), "--calib", "wikitext2",
