@@ -203,7 +203,7 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
     if before:
         lines += ["", "## Before: zerosum and strs loaded the whole model to allocate", "",
                   "Recorded with the same settings before their allocation was streamed (commit b566707): the peak "
-                  "grew with depth. zerosum then scored in one stage; the streamed cells run the default four "
+                  "grew with depth. zerosum then scored in one stage; the streamed cells ran four (the default when they were recorded) "
                   "(one gradient sweep each), so their allocation times are not comparable.", "", "| suite | blocks | allocator | peak GiB | wall s | allocate s |",
                   "|---|---|---|---|---|---|"]
         for c in sorted(before, key=lambda c: (c["suite"], c["allocator"], c["blocks"])):
