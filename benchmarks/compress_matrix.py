@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import itertools
 import json
 import platform
 import subprocess
@@ -56,6 +57,7 @@ import rankcut
 from rankcut.data import load_text
 from rankcut.evaluation.speed import compare_speed
 from rankcut.evaluation.zeroshot import DEFAULT_TASKS, evaluate_zeroshot
+from rankcut.compress import CLOSED_LOOPS
 from rankcut.workdir import write_atomically
 
 # Run by `isolated_speed` in a fresh interpreter: argv = model source, output JSON path.
@@ -295,6 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/smollm2"))
     parser.add_argument("--artifacts", type=Path, help="save each compressed model here (and resume from it)")
+    parser.add_argument("--closed-loops", nargs="+", default=["none"], choices=list(CLOSED_LOOPS),
+                        help="closed-loop factorizations; a cell other than 'none' is named with a -MODE suffix")
+    parser.add_argument("--refine-steps", nargs="+", type=int, default=[0],
+                        help="block refinement steps, for --closed-loops compensate (cells named -refineN)")
+    parser.add_argument("--refine-lr", type=float, default=rankcut.CompressionConfig.refine_lr)
     parser.add_argument("--tag", default="", help="suffix for cell names (e.g. an ablation label)")
     parser.add_argument("--spectra-cache", type=Path, help="reuse spectra across cells with the same calibration")
     args = parser.parse_args(argv)
@@ -308,24 +315,27 @@ def main(argv: list[str] | None = None) -> None:
     if args.dense:
         dense_row(args, wanted, environment)
         gc.collect()
-    for calib in args.calib:
+    cells = itertools.product(args.calib, args.whitenings, args.allocators, args.formats, args.keeps,
+                              args.closed_loops, args.refine_steps)
+    for calib, whitening, allocator, factor_format, keep, closed_loop, refine_steps in cells:
+        if refine_steps and closed_loop != "compensate":
+            continue  # refinement runs on the compensating fit only
         dataset, split = calib.split(":")
-        for whitening in args.whitenings:
-            for allocator in args.allocators:
-                for factor_format in args.formats:
-                    for keep in args.keeps:
-                        cell = f"{allocator}-{factor_format}-{whitening}-keep{keep:g}-{dataset}{args.tag}"
-                        path = args.results / f"{cell}.json"
-                        config = rankcut.CompressionConfig(
-                            keep_ratio=keep, allocator=allocator, allocator_options=allocator_options.get(allocator, {}),
-                            whitening=whitening, factor_format=factor_format,
-                            calibration=rankcut.CalibrationConfig(dataset=dataset, split=split,
-                                                                  nsamples=args.nsamples, seqlen=args.seqlen))
-                        if path.exists():
-                            resume_cell(cell, path, config, wanted, args)
-                        else:
-                            new_cell(cell, path, config, wanted, args, environment)
-                        gc.collect()  # the cell's model went out of scope with its function: free it before the next
+        loop = "" if closed_loop == "none" else f"-{closed_loop}"
+        refine = f"-refine{refine_steps}" if refine_steps else ""
+        cell = f"{allocator}-{factor_format}-{whitening}-keep{keep:g}-{dataset}{loop}{refine}{args.tag}"
+        path = args.results / f"{cell}.json"
+        config = rankcut.CompressionConfig(
+            keep_ratio=keep, allocator=allocator, allocator_options=allocator_options.get(allocator, {}),
+            whitening=whitening, factor_format=factor_format, closed_loop=closed_loop,
+            refine_steps=refine_steps, refine_lr=args.refine_lr,
+            calibration=rankcut.CalibrationConfig(dataset=dataset, split=split,
+                                                  nsamples=args.nsamples, seqlen=args.seqlen))
+        if path.exists():
+            resume_cell(cell, path, config, wanted, args)
+        else:
+            new_cell(cell, path, config, wanted, args, environment)
+        gc.collect()  # the cell's model went out of scope with its function: free it before the next
 
 
 if __name__ == "__main__":

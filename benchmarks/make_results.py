@@ -80,6 +80,13 @@ def tag(cell: dict) -> str:
     return cell["cell"].removeprefix(f"{config['allocator']}-{factor_format}-{whitening}-keep{keep:g}-{dataset}")
 
 
+def closed_loop(cell: dict) -> tuple[str, int]:
+    """The cell's closed-loop mode and refinement steps (cells from before version 2 configs: a flag)."""
+    config = cell["report"]["config"]
+    mode = config.get("closed_loop") or ("sequential" if config.get("sequential") else "none")
+    return mode, config.get("refine_steps", 0)
+
+
 def label(cell: dict) -> list[str]:
     """allocator (with its tag), format, whitening, keep, calibration."""
     config = cell["report"]["config"]
@@ -187,7 +194,7 @@ def ablation_tables(cells: list[dict]) -> list[str]:
     """Per allocator and setting with ``--tag`` variants: the default cell and each variant, with the change in
     perplexity against the default over the windows both were measured on."""
     lines = []
-    variants = [c for c in cells if tag(c)]
+    variants = [c for c in cells if tag(c) and closed_loop(c) == ("none", 0)]
     groups = {(c["report"]["config"]["allocator"], setting(c)) for c in variants}
     for allocator, cell_setting in sorted(groups):
         default = untagged_cell(cells, allocator, cell_setting)
@@ -212,6 +219,40 @@ def ablation_tables(cells: list[dict]) -> list[str]:
         lines += [f"### Ablation: {allocator}, {factor_format}, {whitening}, keep {keep:g}, {dataset} calibration",
                   "", *render(["variant", "options changed", *headers, "Δ WikiText-2 vs default", "allocate s"],
                               body), ""]
+    return lines
+
+
+def closed_loop_tables(cells: list[dict]) -> list[str]:
+    """Per allocator and setting with closed-loop cells: the open-loop cell, then each closed-loop mode (and
+    refinement step count), with the change in perplexity against open loop over the windows all share, the
+    blocks whose refined factors were kept, and the time factorization took (where the levers cost)."""
+    lines = []
+    looped = [c for c in cells if closed_loop(c) != ("none", 0)]
+    order = {"none": 0, "sequential": 1, "compensate": 2}
+    for allocator, cell_setting in sorted({(c["report"]["config"]["allocator"], setting(c)) for c in looped}):
+        open_loop = untagged_cell(cells, allocator, cell_setting)
+        members = sorted((c for c in looped if c["report"]["config"]["allocator"] == allocator
+                          and setting(c) == cell_setting), key=lambda c: (order[closed_loop(c)[0]], closed_loop(c)[1]))
+        group = ([open_loop] if open_loop else []) + members
+        windows = {p: set.intersection(*(set(perplexities(c, *p)) for c in group)) for p in PPL_COLUMNS}
+        body = []
+        for cell in group:
+            mode, steps = closed_loop(cell)
+            figures = {p: perplexities(cell, *p) for p in PPL_COLUMNS}
+            shown = [fmt(figures[p][max(windows[p])] if windows[p] else None, ".2f") for p in PPL_COLUMNS]
+            shared = shared_wikitext_perplexities([cell, open_loop]) if open_loop and cell is not open_loop else None
+            refined = [d["refinement"] for d in cell["report"]["diagnostics"].values() if "refinement" in d]
+            blocks = {(r["error_before"], r["error_after"], r["kept"]) for r in refined}  # one report per block
+            kept = f"{sum(k for _, _, k in blocks)} / {len(blocks)}" if blocks else MISSING
+            body.append([mode + (f" + refine {steps}" if steps else ""), *shown,
+                         f"{shared[0] - shared[1]:+.2f}" if shared else MISSING, kept,
+                         fmt(cell["report"]["timings"].get("factorize"), ".0f"), fmt(cell.get("compress_seconds"), ".0f")])
+        headers = [f"{PPL_COLUMNS[p]}, {max(windows[p])} windows" if windows[p] else PPL_COLUMNS[p]
+                   for p in PPL_COLUMNS]
+        factor_format, whitening, keep, dataset = cell_setting
+        lines += [f"### Closed loop: {allocator}, {factor_format}, {whitening}, keep {keep:g}, {dataset} calibration",
+                  "", *render(["closed loop", *headers, "Δ WikiText-2 vs open loop", "refined blocks kept",
+                               "factorize s", "compress s"], body), ""]
     return lines
 
 
@@ -309,7 +350,7 @@ def section(folder: Path, figures: Path) -> list[str]:
     rows: list[dict[str, Any]] = ([dense] if dense else []) + cells
     model = rows[0]["model"] if rows else folder.name
     lines = [f"## {model}", "", *summary_table(dense, cells), "", *allocator_tables(dense, cells),
-             *ablation_tables(cells)]
+             *ablation_tables(cells), *closed_loop_tables(cells)]
     for title, table in (("Zero-shot accuracy per task", zeroshot_table(rows)),
                          ("Speed and memory", speed_table(rows)), ("Compression", compression_table(cells))):
         if table:

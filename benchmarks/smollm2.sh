@@ -59,6 +59,16 @@ $MATRIX ${COMPARE/--formats pivga/--formats plain} --allocators zerosum energy -
 $MATRIX ${COMPARE/--formats pivga/--formats plain} --allocators uniform energy ara --keeps 0.6
 $MATRIX ${COMPARE/--formats pivga/--formats plain} --allocators fermigrad dobi strs --keeps 0.8 0.6
 
+# Closed-loop factorization (issue 19): for uniform and zerosum at both budgets, today's sequential
+# re-collection, the error-compensating fit, and the compensating fit with block refinement (32 and 128
+# Adam steps per block: one and four passes over the 32 calibration batches). The open-loop cells are the
+# ones above; each closed-loop cell allocates on the same (cached) open-loop spectra.
+LOOP="--eval wikitext2:test:100 c4:validation:128 --formats pivga --calib wikitext2:validation --artifacts $ARTIFACTS"
+$MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 --closed-loops compensate
+$MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 --closed-loops compensate --refine-steps 32 128
+$MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate --refine-steps 0 32 128
+$MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 0.6 --closed-loops sequential
+
 # The compression core's command as a user runs it, timed end to end in a fresh process (model load,
 # calibration, decomposition, save), then the artifact's perplexity on the first 100 test windows.
 [ -f $R/cli-uniform-pivga-keep0.8.json ] || python benchmarks/time_cli.py --out $R/cli-uniform-pivga-keep0.8.json \
