@@ -104,6 +104,12 @@ def shard_holding(folder: Path, fragment: str = "") -> Path:
     return folder / next(shard for name, shard in weight_map.items() if fragment in name)
 
 
+def language_model_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Reference: the mean next-token cross-entropy of ``batch`` through the whole model at once."""
+    logits = model(input_ids=batch, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
 def plain_window_nll(model, windows: torch.Tensor) -> float:
     """Reference: the straightforward per-window Hugging Face loop (labels = inputs)."""
     total, count = 0.0, 0

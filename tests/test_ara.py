@@ -5,14 +5,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import VOCAB, assert_budget_met, tiny_model
+from conftest import VOCAB, assert_budget_met, language_model_loss, tiny_model
 from rankcut.allocation import AllocationContext, create_allocator
 from rankcut.allocation.ara import (
     ARAConfig, StaircaseMasks, binary_rank, initial_logits, mask_priority, soft_mask, straight_through,
 )
 from rankcut.allocation.baselines import uniform_rank
 from rankcut import CompressionConfig, compress
-from rankcut.allocation.spectral import gradient_checkpointing, language_model_loss, spectral_view
+from rankcut.allocation.spectral import gate_surrogate, gated_objective, spectral_view
+from rankcut.sweep import ModelStream
 from rankcut.errors import ConfigError
 from rankcut.plan import Budget
 from test_spectral import spectra_of
@@ -172,8 +173,9 @@ def test_dense_flow_engages_at_break_even(setup):
                 masks.logits[name] = initial_logits(length, rank, 2.0).requires_grad_()
                 state = masks.masks()
                 assert state[name].rank == rank and state[name].dense == dense
-                masks.apply(state, layers)
-                assert layer.use_dense == (dense and dense_flow)
+                gates = masks.gates(state)
+                assert (name not in gates) == (dense and dense_flow)
+                layer.gate = gates.get(name)  # no gate: the layer runs its dense weight
                 with torch.no_grad():
                     same = torch.allclose(layer(x), layer.dense_linear(x), atol=1e-4)
                 if dense and dense_flow:
@@ -225,7 +227,7 @@ def test_tiny_model_trains_and_meets_the_budget(setup, tmp_path):
 
 @pytest.mark.parametrize("options", [
     {"guidance": "none"}, {"guidance": "G1"}, {"binarize": "argmax"}, {"dense_flow": False},
-    {"candidates": "full", "gradient_window": 0.1}, {"fill_priority": "energy"}, {"checkpointing": "on"},
+    {"candidates": "full", "gradient_window": 0.1}, {"fill_priority": "energy"},
     {"seqlen": 16, "batch_size": 100},
 ])
 def test_options_run_within_budget(setup, options):
@@ -253,7 +255,7 @@ def test_same_seed_same_plan(setup):
     {"steps": 0}, {"batch_size": 0}, {"seqlen": 1}, {"lr": 0}, {"lambda_c": -1}, {"lambda_g": -1},
     {"guidance": "G3"}, {"binarize": "mean"}, {"candidates": "some"}, {"gradient_window": 1.5},
     {"gradient_window": -0.1}, {"init_width": 0}, {"guidance_threshold": 0}, {"precision": "fp8"},
-    {"checkpointing": "maybe"}, {"no_such_option": 1},
+    {"checkpointing": "on"}, {"no_such_option": 1},
 ])
 def test_bad_options_raise(options):
     with pytest.raises(ConfigError):
@@ -270,17 +272,33 @@ def test_bfloat16_needs_cuda_and_ara_needs_a_model(setup):
     assert math.isfinite(run(setup, steps=1).info["training"]["loss_start"])
 
 
-def test_checkpointing_changes_memory_not_gradients(setup):
+def test_streamed_step_gives_the_whole_models_logit_gradients(setup):
+    """The gradient one training step puts on the mask logits, through the block-by-block objective and
+    the surrogate, equals one backward pass through the whole gated model (dense-flow modules included)."""
     model, ids, targets, spectra = setup
-    budget = Budget({t.name: t.shape for t in targets}, 0.5)
+    model = tiny_model().double()
+    targets, spectra = spectra_of(model, ids)
+    budget = Budget({t.name: t.shape for t in targets}, 0.7)
     grads = []
-    for enabled in (False, True):
+    for streamed in (False, True):
         masks = StaircaseMasks(budget, ARAConfig())
-        with spectral_view(model, targets, spectra) as layers, gradient_checkpointing(model, enabled):
-            masks.apply(masks.masks(), layers)
-            language_model_loss(model, ids[:4]).backward()
-        grads.append(torch.cat([logits.grad for logits in masks.logits.values()]))
-    assert torch.allclose(grads[0], grads[1], atol=1e-7) and grads[0].abs().max() > 0
+        length = masks.logits[targets[0].name].numel()  # the first module in the dense regime
+        masks.logits[targets[0].name] = initial_logits(length, length, 2.0).requires_grad_()
+        state = masks.masks()
+        gates = masks.gates(state)
+        if streamed:
+            _, gradients = gated_objective(ModelStream(model, targets), spectra)(ids[:4], {
+                name: gate.detach() for name, gate in gates.items()})
+            gate_surrogate(gates, gradients).backward()
+        else:
+            with spectral_view(model, targets, spectra) as layers:
+                for name, layer in layers.items():
+                    layer.gate = gates.get(name)
+                language_model_loss(model, ids[:4]).backward()
+        assert masks.logits[targets[0].name].grad is None  # the dense module does not see the task loss
+        grads.append(torch.cat([masks.logits[name].grad for name in gates]))
+    assert len(gates) == len(targets) - 1
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-9) and grads[0].abs().max() > 0
 
 
 def test_compress_end_to_end_with_ara(setup, tmp_path):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rankcut.allocation import AllocationContext, create_allocator
+from rankcut.allocation.spectral import spectral_view
 from rankcut.decomposition import Spectrum
 from rankcut.plan import DENSE, Budget, RankPlan
 from rankcut.targets import TargetModule
@@ -55,14 +56,25 @@ class SeparableProblem(nn.Module):
     def targets(self) -> list[TargetModule]:
         return [TargetModule(f"layers.{i}", i, m, n, False) for i, (m, n) in enumerate(SHAPES)]
 
-    def objective(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        """``Σ_l ‖layer_l(X_l) − W_l X_l‖²`` through the (possibly gated) layers of ``model``."""
+    def loss(self) -> torch.Tensor:
+        """``Σ_l ‖layer_l(X_l) − W_l X_l‖²`` through the (possibly gated) layers."""
         loss = torch.zeros((), dtype=torch.float64)
         for index, x in enumerate(self.inputs):
             spectrum = self.spectra[f"layers.{index}"]
             dense = x @ ((spectrum.u * spectrum.sigma) @ spectrum.b_full).T
-            loss = loss + (model.get_submodule(f"layers.{index}")(x) - dense).square().sum()
+            loss = loss + (self.get_submodule(f"layers.{index}")(x) - dense).square().sum()
         return loss
+
+    def objective(self, _batch: torch.Tensor, gates: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        """The allocators' :data:`~rankcut.allocation.spectral.GatedObjective`: :meth:`loss` with the
+        layers gated, and its gradient with respect to each gate."""
+        with spectral_view(self, self.targets, self.spectra) as layers:
+            leaves = {name: gate.clone().requires_grad_() for name, gate in gates.items()}
+            for name, layer in layers.items():
+                layer.gate = leaves.get(name)
+            loss = self.loss()
+            gradients = torch.autograd.grad(loss, list(leaves.values())) if leaves else []
+        return float(loss.detach()), dict(zip(leaves, gradients))
 
     def plan_loss(self, plan: RankPlan) -> float:
         """The separable loss of a hard plan: the weighted tail energy each module drops."""
@@ -102,13 +114,11 @@ def test_learned_allocators_close_the_gap_to_the_known_optimum(name, keep, facto
 
 def test_the_loss_is_the_separable_tail_energy_at_hard_gates():
     """The injected objective through the gated layers equals the plan's tail energy (the premise)."""
-    from rankcut.allocation.spectral import spectral_view
-
     problem = SeparableProblem()
     ranks = {"layers.0": 40, "layers.1": 7, "layers.2": 50, "layers.3": 1}
     with spectral_view(problem, problem.targets, problem.spectra) as layers:
         for name, layer in layers.items():
             layer.gate = torch.ones(ranks[name], dtype=torch.float64)
-        loss = float(problem.objective(problem, torch.zeros(1, 1, dtype=torch.long)))
+        loss = float(problem.loss())
     expected = sum(float(problem.spectra[name].tail_energy()[rank]) for name, rank in ranks.items())
     assert loss == pytest.approx(expected, rel=1e-10)

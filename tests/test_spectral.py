@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from conftest import calibration_ids, tiny_model
+from conftest import calibration_ids, language_model_loss, tiny_model
 from rankcut import CompressionConfig, compress
 from rankcut.allocation import AllocationContext, create_allocator
-from rankcut.allocation.spectral import TailAverage, TrainingSchedule, language_model_loss, spectral_view
+from rankcut.allocation.spectral import TailAverage, TrainingSchedule, spectral_view
 from rankcut.calibration import BlockStream
 from rankcut.compress import _Decomposer
 from rankcut.plan import Budget

@@ -48,7 +48,8 @@ def compress_both(tmp_path: Path, model: torch.nn.Module, config: CompressionCon
     return report, streamed
 
 
-STREAMED = {"uniform": {}, "energy": {}, "zerosum": {}, "strs": {"use_cache": False}}  # strs: measure, both times
+STREAMED = {"uniform": {}, "energy": {}, "zerosum": {}, "strs": {"use_cache": False},  # strs: measure, both times
+            "ara": {"steps": 2}, "fermigrad": {"steps": 2}, "dobi": {"steps": 2}}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -69,16 +70,6 @@ def test_streamed_equals_in_memory(tmp_path, arch, allocator, monkeypatch):
         assert torch.equal(model(ids[:2]).logits, reference(ids[:2]).logits)
 
 
-@pytest.mark.parametrize("allocator, options", [("ara", {"steps": 2}), ("fermigrad", {"steps": 2}),
-                                                ("dobi", {"steps": 2})])
-def test_allocators_that_run_the_whole_model_still_run_streamed(tmp_path, allocator, options, monkeypatch):
-    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
-    config = CompressionConfig(keep_ratio=0.6, allocator=allocator, allocator_options=options)
-    report, streamed = compress_both(tmp_path, tiny_model(), config, calibration_ids(8, 24))
-    assert streamed.plan.ranks == report.plan.ranks
-    assert streamed.measured["target_params"] <= streamed.measured["budget"]
-
-
 def test_sequential_streamed_equals_in_memory(tmp_path):
     config = CompressionConfig(keep_ratio=0.6, allocator="energy", closed_loop="sequential")
     report, streamed = compress_both(tmp_path, tiny_model(), config, calibration_ids(8, 24))
@@ -91,11 +82,11 @@ def mapped_files() -> set[str]:
     return {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if len(line.split()) >= 6}
 
 
-@pytest.mark.parametrize("allocator", ["energy", "zerosum", "strs"])
+@pytest.mark.parametrize("allocator", ["energy", "zerosum", "strs", "ara"])
 def test_one_block_resident_and_no_file_left_mapped(tmp_path, monkeypatch, allocator):
     """A deep tiny model, sharded on disk: at every offload no checkpoint file is mapped and the
     materialized parameters are those of one block at most (plus what lies outside the blocks), also
-    through zerosum's forward and reverse sweep and strs's probe pass."""
+    through zerosum's forward and reverse sweep, strs's probe pass and ara's training steps."""
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_config
@@ -120,7 +111,8 @@ def test_one_block_resident_and_no_file_left_mapped(tmp_path, monkeypatch, alloc
     compress_checkpoint(folder, CompressionConfig(keep_ratio=0.6, allocator=allocator), tmp_path / "out",
                         calibration=calibration_ids(4, 16), show_progress=False, work_dir=tmp_path / "work")
     block = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).model.layers[0].parameters())
-    passes = {"energy": 2, "zerosum": 4, "strs": 3}[allocator]  # calibration, the allocator's, factorization
+    # calibration, the allocator's (ara: a forward and a reverse sweep per step, 2 steps), factorization
+    passes = {"energy": 2, "zerosum": 4, "strs": 3, "ara": 6}[allocator]
     assert len(resident) >= passes * 12
     assert max(resident) <= block + config.vocab_size * config.hidden_size * 2  # one block + embeddings/head
     assert not shards & mapped_files()
@@ -252,11 +244,11 @@ def test_the_estimate_grows_with_what_the_run_holds():
     assert host("zerosum", windows=64).stages["allocate"] > host("zerosum", windows=8).stages["allocate"]
     deep = tiny_config("llama")
     deep.num_hidden_layers *= 4
-    for allocator, grows in (("zerosum", False), ("ara", True)):  # streamed: one block; whole: every block
+    for allocator in ("zerosum", "strs", "ara", "fermigrad", "dobi"):  # one block at a time, whatever the depth
         run = CompressionConfig(keep_ratio=0.6, allocator=allocator,
                                 calibration=CalibrationConfig("wikitext2", "validation", 64, 128))
         shallow, deeper = (estimate_compression(c, run).stages["allocate"] for c in (config, deep))
-        assert (deeper > shallow) == grows
+        assert 0 < deeper == shallow, allocator
     assert host().peak_stage == "calibrate" and host().disk_bytes > 0
 
 

@@ -4,12 +4,11 @@ import math
 import pytest
 import torch
 
-from conftest import ARCHS, VOCAB, calibration_ids, tiny_model
+from conftest import ARCHS, VOCAB, calibration_ids, language_model_loss, tiny_model
 from test_spectral import spectra_of
 from conftest import assert_budget_met
 from rankcut import CompressionConfig, compress
 from rankcut.allocation import AllocationContext, create_allocator
-from rankcut.allocation.spectral import language_model_loss
 from rankcut.allocation.spectral import spectral_view
 from rankcut.allocation.strs import StrsConfig, _write_cache, candidate_ranks, sensitivity_table, threshold_ranks
 from rankcut.evaluation.perplexity import window_nll

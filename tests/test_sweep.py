@@ -74,3 +74,48 @@ def test_excluded_blocks_still_pass_the_gradient_down():
     assert [block for block, _ in seen] == [0]
     for name, gradient in seen[0][1].items():
         torch.testing.assert_close(gradient, expected[name], rtol=1e-9, atol=1e-12)
+
+
+def whole_model_gated(model, targets, spectra, ids, gates, kl: bool):
+    """The gated model's loss and gate gradients from one backward pass through the whole model (the
+    in-memory reference): CE, or KL to the dense model's next-token distributions."""
+    from rankcut.allocation.spectral import spectral_view
+
+    with torch.no_grad():
+        dense = model(input_ids=ids, use_cache=False).logits[:, :-1].flatten(0, 1).log_softmax(-1)
+    with spectral_view(model, targets, spectra) as layers:
+        leaves = {name: gate.clone().requires_grad_() for name, gate in gates.items()}
+        for name, layer in layers.items():
+            layer.gate = leaves.get(name)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].flatten(0, 1)
+        if kl:
+            loss = F.kl_div(logits.log_softmax(-1), dense, log_target=True, reduction="batchmean")
+        else:
+            loss = F.cross_entropy(logits, ids[:, 1:].flatten())
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+    return float(loss.detach()), dict(zip(leaves, grads))
+
+
+@pytest.mark.parametrize("kl", [False, True], ids=["ce", "kl"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_gated_objective_gives_the_whole_models_loss_and_gate_gradients(arch, kl):
+    """What the training allocators see (rankcut.allocation.spectral.gated_objective): soft gates of
+    several widths on some targets, the others dense; one block resident at a time."""
+    from rankcut.allocation.spectral import gated_objective
+    from test_spectral import spectra_of
+
+    ids = calibration_ids(4, 20, seed=7)
+    model = tiny_model(arch).double()
+    targets, spectra = spectra_of(model, ids)
+    generator = torch.Generator().manual_seed(0)
+    gates = {t.name: torch.rand(max(1, min(t.shape) - 3 * i), generator=generator, dtype=torch.float64)
+             for i, t in enumerate(targets) if i % 3 != 1}  # every third target dense
+    expected_loss, expected = whole_model_gated(model, targets, spectra, ids, gates, kl)
+    objective = gated_objective(ModelStream(model, targets), spectra, "kl" if kl else "ce")
+    loss, got = objective(ids, gates)
+    assert loss == pytest.approx(expected_loss, rel=1e-10)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-8, atol=1e-12)
+    assert all(type(model.get_submodule(t.name)).__name__ == "Linear" for t in targets)  # restored
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())

@@ -346,8 +346,8 @@ def compress_checkpoint(
     The model is a skeleton without weights (:class:`CheckpointSource`); each decoder block is read
     from disk when the pipeline reaches it and dropped after, the spectra stay in the work folder, and
     each block's factors go straight into the artifact's shard, so host memory holds one block (plus the
-    calibration activations) whatever the depth. Allocators that run the whole model (``needs_model``)
-    load it for the allocation only. The same stages as :func:`compress` run, so plans and factors are
+    calibration activations) whatever the depth; allocators that run the model (``needs_model``) run it
+    block by block too (:class:`~rankcut.sweep.ModelStream`). The same stages as :func:`compress` run, so plans and factors are
     the same bit for bit on the same device. ``work_dir`` makes the run resumable (see :func:`compress`);
     without it a temporary folder beside ``out_dir`` holds the spectra and is removed at the end.
 
@@ -466,21 +466,14 @@ def _conduct(
 
         if plan is None:
             with _phase(timings, "allocate"):
-                whole = allocator.needs_model and not allocator.streamed
-                if whole:
-                    weights.onload([""])  # the whole model, for the allocation only
                 stream = ModelStream(model, targets, weights, work.path / "sweep" if work is not None else None)
                 context = AllocationContext(
-                    budget, targets, spectra, model if whole else None, calibration,
+                    budget, targets, spectra, calibration=calibration,
                     seed=config.calibration.seed, show_progress=show_progress,
                     output_dir=Path(output_dir) if output_dir else None, cache_dir=cache_dir() / "allocators",
                     work_dir=work.allocator_dir if work is not None else None,
                     stream=stream if allocator.needs_model else None)
-                try:
-                    plan = allocator.allocate(context)
-                finally:
-                    if whole:
-                        weights.offload([""])
+                plan = allocator.allocate(context)
             if work is not None:
                 work.save_plan(plan)
 

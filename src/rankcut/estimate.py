@@ -8,18 +8,17 @@ largest stage:
   (``2 x nsamples x seqlen x hidden``, compute dtype), one batch's intermediate tensors inside the
   block, the block's input Grams (float64 totals, float32 batch sums), and the float64 workspace of the
   largest whitened SVD;
-- **allocate**: nothing for the spectral allocators (singular values only); a streamed allocator
-  (zerosum) one block, its weight gradients and reverse sweep (:mod:`rankcut.sweep`), or the head and
-  one chunk of logits, whichever is larger; allocators that run the model whole load it and add the
-  gated factors and one backward pass's activations (per-block saved tensors and the vocabulary-wide
-  logits) of their batch;
+- **allocate**: nothing for the spectral allocators (singular values only); an allocator that runs the
+  model does so one block at a time (:mod:`rankcut.sweep`): one block with its weight gradients
+  (zerosum), its probes (strs) or its gated factors and one batch's autograd tensors (ara, fermigrad,
+  dobi), or the head and one chunk of logits, whichever is larger;
 - **factorize and write**: one block's weights and float64 factors, or the embeddings and head when the
   last shard is written; a closed loop adds the calibration stream again (``compensate``: two of them,
   dense and compressed, and one input group's cross-Gram).
 
 On CUDA the blocks, activations and allocator work are on the device; Grams and decompositions stay on
-the host. Disk: the spectra (``U`` and ``Bfull`` in float32), one block's activations, what a streamed
-allocator leaves on disk (zerosum: every block's saved inputs; strs: every probe's activations), and the
+the host. Disk: the spectra (``U`` and ``Bfull`` in float32), one block's activations, what an
+allocator leaves on disk (every block's saved inputs; strs: every probe's activations), and the
 artifact.
 The per-token activation factors were measured on the synthetic LLaMA checkpoints of
 ``benchmarks/scale.py``; ``benchmarks/RESULTS-scale.md`` compares predictions with measured peaks.
@@ -179,7 +178,7 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
     artifact = int(config.keep_ratio * targets_dense + total - targets_dense) * size
     allocator = create_allocator(config.allocator, config.allocator_options)
     sweep = 0
-    if allocator.streamed:
+    if allocator.needs_model:
         batch = min(allocator.config.batch_size, calibration.nsamples)
         sweep = _streamed_terms(config, allocator.config, targets, block, outer, size, hidden, intermediate, vocab,
                                 len(blocks), 0, batch, calibration.seqlen)[1]
@@ -194,9 +193,8 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
 
 def _allocator_terms(config, targets, total: int, block: int, outer: int, size: int, hidden: int,
                      intermediate: int, vocab: int, heads: int, blocks: int) -> dict[str, int]:
-    """The allocation stage: zero for spectral allocators; one block and its reverse sweep for a
-    streamed allocator (zerosum); the whole model, its gated factors and one backward pass for those
-    that run the model whole."""
+    """The allocation stage: zero for spectral allocators; for those that run the model, one block at a
+    time (:func:`_streamed_terms`)."""
     allocator = create_allocator(config.allocator, config.allocator_options)
     if not allocator.needs_model:
         return {}
@@ -205,31 +203,19 @@ def _allocator_terms(config, targets, total: int, block: int, outer: int, size: 
     seqlen = getattr(options, "seqlen", None) or config.calibration.seqlen
     seqlen = min(seqlen, config.calibration.seqlen)
     tokens = batch * seqlen
-    gate_width = sum(min(t.shape) for t in targets) // blocks
     # what autograd keeps per token of a block: about 12 hidden-wide tensors (norms, projections' inputs
     # and outputs, rotary, attention) and 4 intermediate-wide (gate, up, activation, product), plus the
     # attention probabilities
     autograd_block = tokens * (12 * hidden + 4 * intermediate) * size + batch * heads * seqlen * seqlen * 4
-    if allocator.streamed:
-        return _streamed_terms(config, options, targets, block, outer, size, hidden, intermediate, vocab, blocks,
-                               autograd_block, batch, seqlen)[0]
-    factors = sum(t.out_features * min(t.shape) + min(t.shape) * t.in_features for t in targets)
-    checkpointing = bool(getattr(options, "checkpointing", False))
-    if config.allocator == "strs":  # forward passes only
-        per_block = tokens * (3 * intermediate + 6 * hidden) * size
-        saved = per_block
-    else:  # each gated layer's components before and after the gate, too
-        per_block = autograd_block + tokens * 2 * gate_width * size
-        saved = tokens * hidden * size * blocks + per_block if checkpointing else per_block * blocks
-    # logits, their shifted copy, log-softmax and two gradients, in float32
-    return {"whole model": total * size, "gated factors": factors * size, "backward activations": saved,
-            "logits": 5 * tokens * vocab * 4}
+    return _streamed_terms(config, options, targets, block, outer, size, hidden, intermediate, vocab, blocks,
+                           autograd_block, batch, seqlen)[0]
 
 
 def _streamed_terms(config, options, targets, block: int, outer: int, size: int, hidden: int, intermediate: int,
                     vocab: int, blocks: int, autograd_block: int, batch: int, seqlen: int) -> tuple[dict[str, int], int]:
-    """A streamed allocator's largest stage (one block, or the head) and its disk: zerosum's gradient
-    sweep (every block's saved inputs on disk), or strs's probe pass (every probe's activations)."""
+    """An allocator's largest stage (one block, or the head) and its disk: zerosum's gradient sweep
+    (every block's saved inputs on disk), strs's probe pass (every probe's activations), or one training
+    step of ara, fermigrad or dobi (a sweep over one batch with the block's targets gated)."""
     # one chunk's logits, their float32 copy, log-softmax and two gradients (as for the whole-model allocators)
     chunk_logits = 5 * 4 * vocab * min(LOGITS_BYTES // (4 * vocab), batch * (seqlen - 1))
     largest = max(8 * (t.out_features * min(t.shape) + min(t.shape) * t.in_features) for t in targets)
@@ -245,6 +231,20 @@ def _streamed_terms(config, options, targets, block: int, outer: int, size: int,
                   {"embeddings and head": outer * size, "one block's probes": per_block * probe,
                    "logits of one chunk": chunk_logits}]
         return max(stages, key=lambda terms: sum(terms.values())), blocks * per_block * probe
+    if config.allocator != "zerosum":  # a training step: one batch through the gated blocks
+        saved = batch * seqlen * hidden * size
+        widest = max(sum(min(t.shape) for t in targets if t.block == index) for index in range(blocks))
+        # the block's candidates as read from the spectra store (float32), their float64 scaled copy while it
+        # is made, and the gated factors kept in the compute dtype
+        factors = max(sum((t.out_features + t.in_features) * min(t.shape) for t in targets if t.block == index)
+                      for index in range(blocks))
+        reference = saved if getattr(options, "objective", "ce") == "kl" else 0
+        stages = [{"block weights": block * size, "gated factors of one block": factors * (4 + size) + largest,
+                   "saved inputs and their gradients": 3 * saved,
+                   "block autograd": autograd_block + batch * seqlen * 2 * widest * size},
+                  {"embeddings and head": outer * size, "last outputs and their gradient": 2 * saved + reference,
+                   "logits of one chunk": chunk_logits}]
+        return max(stages, key=lambda terms: sum(terms.values())), blocks * saved
     saved = min(options.windows or config.calibration.nsamples, config.calibration.nsamples) * config.calibration.seqlen * hidden * size
     # the float64 projection of the largest module's gradient onto its spectrum: G, U, Bfull, G Bfullᵀ
     projection = max(8 * (2 * t.out_features * t.in_features + t.out_features * min(t.shape)

@@ -37,11 +37,14 @@ from .targets import TargetModule, find_decoder_blocks
 LOGITS_BYTES = 256 * 2**20  # float32 logits of one chunk of tokens; the chunk's length follows from the vocabulary
 
 BlockGradients = Callable[[int, dict[str, torch.Tensor]], None]
-"""``on_block(index, {target name: dL/dW})``: called once per block, from the last block to the first."""
+"""``on_block(index, {name: dL/dX})``: called once per block, from the last block to the first, with the
+gradients of the block's target weights (by target name) and of the tensors its change yielded (by key)."""
 
-BlockChange = Callable[[int, nn.Module], contextlib.AbstractContextManager]
+BlockChange = Callable[[int, nn.Module], contextlib.AbstractContextManager[dict[str, torch.Tensor] | None]]
 """``change(index, block)``: a context within which block ``index`` (resident) runs changed, for
-example with truncated weights; the sweep enters it around every run of the block."""
+example with truncated weights or gated factors; the sweep enters it around every run of the block. It
+may yield ``{key: tensor}``: leaves the changed block computes with (a gate, say) whose gradients are
+wanted; they need ``requires_grad``."""
 
 Probes = Callable[[int, nn.Module], Iterator[Hashable]]
 """``probes(index, block)``: for each probe that starts at block ``index``, change the block (truncate
@@ -109,25 +112,33 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 
 
 def head_loss(model: nn.Module, final_hidden: list[torch.Tensor], batches: list[torch.Tensor], chunk_tokens: int,
-              *, with_gradients: bool = False) -> tuple[float, list[torch.Tensor]]:
+              *, with_gradients: bool = False,
+              reference: list[torch.Tensor] | None = None) -> tuple[float, list[torch.Tensor]]:
     """The mean next-token cross-entropy over every window of ``batches`` given the last block's
     outputs and, ``with_gradients``, its gradient with respect to them (else an empty list). The model's
     own forward computes the logits (its norm, head and any logit soft-capping) on ``inputs_embeds``
-    with every block bypassed, one chunk of predicted positions at a time."""
+    with every block bypassed, one chunk of predicted positions at a time. With ``reference`` (another
+    model's last block outputs, say the dense model's) the loss is the mean ``KL(p_reference ‖ p)`` over
+    the same positions instead."""
     device = final_hidden[0].device
     total = sum(ids.shape[0] * (ids.shape[1] - 1) for ids in batches)
     loss, gradients = 0.0, []
     with _blocks_bypassed(model), torch.set_grad_enabled(with_gradients):
-        for hidden, ids in zip(final_hidden, batches):
+        for batch, (hidden, ids) in enumerate(zip(final_hidden, batches)):
             width = hidden.shape[-1]
             flat = hidden[:, :-1].reshape(-1, width)
             labels = ids[:, 1:].reshape(-1).to(device)
             flat_gradient = torch.empty_like(flat) if with_gradients else None
             for start in range(0, flat.shape[0], chunk_tokens):
                 piece = flat[start:start + chunk_tokens].detach().requires_grad_(with_gradients)
-                logits = model(inputs_embeds=piece.unsqueeze(0), use_cache=False).logits[0]
-                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-                chunk_loss = F.cross_entropy(logits, labels[start:start + chunk_tokens], reduction="sum") / total
+                logits = _logits(model, piece)
+                if reference is None:
+                    chunk_loss = F.cross_entropy(logits, labels[start:start + chunk_tokens], reduction="sum") / total
+                else:
+                    with torch.no_grad():
+                        target = _logits(model, reference[batch][:, :-1].reshape(-1, width)[start:start + chunk_tokens])
+                    chunk_loss = F.kl_div(logits.log_softmax(-1), target.log_softmax(-1), log_target=True,
+                                          reduction="sum") / total
                 if with_gradients:
                     (flat_gradient[start:start + chunk_tokens],) = torch.autograd.grad(chunk_loss, piece)
                 loss += float(chunk_loss.detach())
@@ -138,18 +149,27 @@ def head_loss(model: nn.Module, final_hidden: list[torch.Tensor], batches: list[
     return loss, gradients
 
 
+def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The head's logits (at least float32) for a flat ``tokens x hidden`` chunk of last-block outputs."""
+    logits = model(inputs_embeds=hidden.unsqueeze(0), use_cache=False).logits[0]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _chunk_tokens(model: nn.Module) -> int:
     return max(1, LOGITS_BYTES // (4 * model.get_output_embeddings().out_features))
 
 
 def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[TargetModule], windows: torch.Tensor,
                      batch_size: int, on_block: BlockGradients, *, store_dir: Path | None = None,
-                     change: BlockChange | None = None, progress: Callable[..., None] | None = None) -> float:
+                     change: BlockChange | None = None, progress: Callable[..., None] | None = None,
+                     reference: list[torch.Tensor] | None = None) -> float:
     """Backpropagate the mean next-token loss over ``windows`` (token ids, ``n x seqlen``) through the
-    model one block at a time (module docstring) and hand each block's target weight gradients to
-    ``on_block``. Gradients are summed over batches in at least float32. ``store_dir``: a folder for
-    the saved block inputs (None: a temporary folder). ``change`` runs each block changed (the
-    gradients are then those of the changed model, with respect to its weights). Returns the loss."""
+    model one block at a time (module docstring) and hand each block's gradients to ``on_block``: of
+    the weights of ``targets``, and of the leaves ``change`` yields. Gradients are summed over batches
+    in at least float32. ``store_dir``: a folder for the saved block inputs (None: a temporary folder).
+    ``change`` runs each block changed (the gradients are then those of the changed model).
+    ``reference``: last-block outputs per batch (:func:`final_hidden`) to take the KL divergence to
+    instead of the cross-entropy (:func:`head_loss`). Returns the loss."""
     change = change or (lambda _index, _block: contextlib.nullcontext())
     stream = BlockStream(model, [], windows, batch_size, weights=weights)
     prefix, blocks = find_decoder_blocks(model, with_linears=False)
@@ -174,7 +194,8 @@ def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[T
         try:
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
-            loss, upstream = head_loss(model, hidden, stream.batches, _chunk_tokens(model), with_gradients=True)
+            loss, upstream = head_loss(model, hidden, stream.batches, _chunk_tokens(model), with_gradients=True,
+                                       reference=reference)
         finally:
             weights.offload(head)
         del hidden
@@ -188,6 +209,21 @@ def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[T
             if progress is not None:
                 progress(1)
     return loss
+
+
+def final_hidden(model: nn.Module, weights: ResidentWeights, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The last block's outputs on ``windows``, one tensor per batch, one block resident at a time: what
+    :func:`head_loss` takes as a ``reference``."""
+    stream = BlockStream(model, [], windows, batch_size, weights=weights)
+    prefix, blocks = find_decoder_blocks(model, with_linears=False)
+    hidden, block_kwargs = stream.capture()
+    for index, block in enumerate(blocks):
+        weights.onload([f"{prefix}.{index}"])
+        try:
+            hidden = stream.forward_block(block, hidden, block_kwargs[index])
+        finally:
+            weights.offload([f"{prefix}.{index}"])
+    return [h.clone() for h in hidden]
 
 
 def probe_losses(model: nn.Module, weights: ResidentWeights, windows: torch.Tensor, batch_size: int,
@@ -248,34 +284,36 @@ def _backward_block(model: nn.Module, weights: ResidentWeights, name: str, block
                     targets: list[TargetModule], input_gradient: bool, on_block: BlockGradients,
                     index: int, change: BlockChange) -> list[torch.Tensor]:
     """Recompute one block from its saved inputs, batch by batch, and backpropagate ``upstream``."""
-    if not targets and not input_gradient:
-        return []
     weights.onload([name])
     try:
         for parameter in block.parameters():
             parameter.requires_grad_(False)
-        parameters = [model.get_submodule(t.name).weight for t in targets]
-        for parameter in parameters:
+        parameters = {t.name: model.get_submodule(t.name).weight for t in targets}
+        for parameter in parameters.values():
             parameter.requires_grad_(True)
         sums: list[torch.Tensor] | None = None
         downstream = []
-        with torch.enable_grad(), change(index, block):
+        with torch.enable_grad(), change(index, block) as leaves:
+            wanted = {**parameters, **(leaves or {})}
+            if not wanted and not input_gradient:
+                return []
             for hidden, kw, gradient in zip(inputs, kwargs, upstream):
                 hidden = hidden.detach().requires_grad_(input_gradient)
-                wanted = ([hidden] if input_gradient else []) + parameters
-                got = torch.autograd.grad(block_output(block(hidden, **kw)), wanted, grad_outputs=gradient)
+                got = torch.autograd.grad(block_output(block(hidden, **kw)), ([hidden] if input_gradient else []) +
+                                          list(wanted.values()), grad_outputs=gradient, allow_unused=True)
                 if input_gradient:
                     downstream.append(got[0])
                     got = got[1:]
+                got = [torch.zeros_like(w) if g is None else g for w, g in zip(wanted.values(), got)]
                 if sums is None:
                     sums = [g.to(torch.promote_types(g.dtype, torch.float32)) for g in got]
                 else:
                     for total, g in zip(sums, got):
                         total += g
-        for parameter in parameters:
+        for parameter in parameters.values():
             parameter.requires_grad_(False)
-        if targets:
-            on_block(index, {t.name: total for t, total in zip(targets, sums)})
+        if wanted:
+            on_block(index, dict(zip(wanted, sums)))
     finally:
         weights.offload([name])
     return downstream
@@ -304,11 +342,22 @@ class ModelStream:
         """Every stored tensor of the model; read one with ``weights.tensor(name)``."""
         return tensor_names(self.model, "")
 
+    @property
+    def device(self) -> torch.device:
+        return self.weights.device
+
     def weight_gradients(self, windows: torch.Tensor, batch_size: int, on_block: BlockGradients,
-                         change: BlockChange | None = None, progress: Callable[..., None] | None = None) -> float:
-        """:func:`weight_gradients` of this model's targets; ``progress`` advances twice per block."""
-        return weight_gradients(self.model, self.weights, self.targets, windows, batch_size, on_block,
-                                store_dir=self.store_dir, change=change, progress=progress)
+                         change: BlockChange | None = None, progress: Callable[..., None] | None = None, *,
+                         weights_too: bool = True, reference: list[torch.Tensor] | None = None) -> float:
+        """:func:`weight_gradients` of this model (its targets' weights unless not ``weights_too``: then
+        only of the leaves ``change`` yields); ``progress`` advances twice per block."""
+        return weight_gradients(self.model, self.weights, self.targets if weights_too else [], windows, batch_size,
+                                on_block, store_dir=self.store_dir, change=change, progress=progress,
+                                reference=reference)
+
+    def final_hidden(self, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+        """:func:`final_hidden` of this model (the dense model's, for a KL reference)."""
+        return final_hidden(self.model, self.weights, windows, batch_size)
 
     def probe_losses(self, windows: torch.Tensor, batch_size: int, probes: Probes,
                      progress: Callable[..., None] | None = None) -> tuple[float, dict[Hashable, float]]:

@@ -31,18 +31,16 @@ so with plain factors a gated layer costs about its dense weight (``k*(m+n) ≈ 
 break-even is ``r`` itself: there the default costs up to ``2mn`` for square weights (a smaller
 ``gradient_window`` trades exactness for speed).
 
-Memory: besides the frozen model, every target holds ``U σ`` and ``Bfull`` for its candidates in the
-model's dtype: ``≈ mn`` numbers with ``candidates="break_even"`` and plain factors (≈ one more copy of
-the target weights), ``r(m+n)`` otherwise (≈ 2x for square weights); plus ``Σ r`` logits and Adam state.
-Activations: with ``checkpointing`` one decoder block plus the block inputs and the logits
-(``batch · seqlen · vocab``); without it, every block's. A step costs about two forward passes
-without checkpointing and three with it. Measured on SmolLM2-135M (keep 0.8, 2 x 256 tokens per
-step, one thread of a loaded 2-core CPU): ≈ 9 s/step without checkpointing, ≈ 15 s with.
+Memory: the model runs one decoder block at a time (:func:`~rankcut.allocation.spectral.gated_objective`):
+a step is a forward over the blocks that saves each block's input, the loss through the head in chunks
+of tokens, and a reverse sweep that recomputes each block with its targets gated (``U σ`` and ``Bfull``
+of that block's candidates, read from the spectra store) and backpropagates into the gates, about
+three forward passes. Resident: one block with its gated factors and autograd tensors, one chunk of
+logits, every block's input for one batch (on disk), ``Σ r`` logits and Adam's state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -50,14 +48,12 @@ from typing import Any, Literal
 
 import torch
 
-from ..decomposition import Spectrum
 from ..errors import ConfigError
 from ..plan import DENSE, Budget, Rank, RankPlan
 from ..progress import progress_bar
 from .base import ALLOCATORS, Allocation, AllocationContext, Allocator, Priority, energy_priority
 from .baselines import uniform_rank
-from .spectral import (SpectralLinear, TailAverage, TrainingSchedule, batches, gradient_checkpointing,
-                       language_model_loss, spectral_view)
+from .spectral import TailAverage, TrainingSchedule, batches, gate_surrogate, gated_objective
 
 
 @dataclass
@@ -73,7 +69,6 @@ class ARAConfig(TrainingSchedule):
     init_width: float = 0.05  # Laplace width of the initial p around the uniform rank, × r
     dense_flow: bool = True  # Eq. 8: run the dense weight once the binary rank reaches break-even
     fill_priority: Literal["mask", "energy"] = "mask"  # how the budget remainder is spent
-    checkpointing: Literal["auto", "on", "off"] = "auto"  # recompute blocks in backward; auto: on CUDA only
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA only
 
     def validate(self) -> None:
@@ -156,12 +151,11 @@ class StaircaseMasks:
             out[name] = ModuleMask(soft, straight_through(soft, rank), rank, dense)
         return out
 
-    def apply(self, masks: dict[str, ModuleMask], layers: dict[str, SpectralLinear]) -> None:
-        """Set each layer's gate (prefix plus the gradient window) or, past break-even, its dense flow."""
-        for name, layer in layers.items():
-            mask = masks[name]
-            layer.use_dense = self.config.dense_flow and mask.dense
-            layer.gate = None if layer.use_dense else mask.gate[: mask.rank + self.window[name]]
+    def gates(self, masks: dict[str, ModuleMask]) -> dict[str, torch.Tensor]:
+        """Each module's gate (prefix plus the gradient window); past break-even none: the module runs its
+        dense weight (the dense flow)."""
+        return {name: mask.gate[: mask.rank + self.window[name]] for name, mask in masks.items()
+                if not (self.config.dense_flow and mask.dense)}
 
     def module_costs(self, masks: dict[str, ModuleMask]) -> dict[str, torch.Tensor]:
         """Cost of each module at its binary rank (the rank the forward runs and the readout keeps),
@@ -207,15 +201,13 @@ class ARAAllocator(Allocator):
     config: ARAConfig
 
     def allocate_ranks(self, context: AllocationContext) -> Allocation:
-        config = self.config
-        model, budget = context.model, context.budget
-        if model is None or context.calibration is None:
+        config, budget = self.config, context.budget
+        if context.calibration is None or (context.objective is None and context.stream is None):
             raise ConfigError("ara trains on calibration text: it needs the model and calibration token ids")
-        device = next(model.parameters()).device
+        device = context.stream.device if context.stream is not None else torch.device("cpu")
         if config.precision == "bfloat16" and device.type != "cuda":
             raise ConfigError(f"ara precision=bfloat16 autocasts on CUDA only; the model is on {device}")
         bf16 = device.type == "cuda" and config.precision != "float32"
-        checkpointing = config.checkpointing == "on" or (config.checkpointing == "auto" and device.type == "cuda")
         windows = context.calibration if config.seqlen is None else context.calibration[:, : config.seqlen]
         masks = StaircaseMasks(budget, config, device)
         steps = config.steps_for(windows.shape[0])
@@ -223,21 +215,18 @@ class ARAAllocator(Allocator):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         averages = {name: TailAverage(steps, config.average) for name in masks.logits}
         stream = batches(windows, min(config.batch_size, windows.shape[0]), context.seed)
-        objective = context.objective or language_model_loss
-        spectra = {name: _leading(context.spectra[name], logits.numel()) for name, logits in masks.logits.items()}
+        objective = context.objective or gated_objective(context.stream, context.spectra,
+                                                         autocast=torch.bfloat16 if bf16 else None)
         curve: list[dict[str, float]] = []
         start = time.perf_counter()
-        with (spectral_view(model, context.targets, spectra) as layers,
-              gradient_checkpointing(model, checkpointing),
-              progress_bar("ara: train rank masks", steps, enabled=context.show_progress) as advance):
+        with progress_bar("ara: train rank masks", steps, enabled=context.show_progress) as advance:
             for step in range(steps):
                 state = masks.masks()
-                masks.apply(state, layers)
-                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-                with autocast:
-                    ce = objective(model, next(stream))
+                gates = masks.gates(state)
+                ce, gradients = objective(next(stream), {name: gate.detach() for name, gate in gates.items()})
                 ratio = masks.global_ratio(state)
-                loss = ce + config.lambda_c * (ratio - budget.keep_ratio) ** 2 + config.lambda_g * masks.guidance(state)
+                penalties = config.lambda_c * (ratio - budget.keep_ratio) ** 2 + config.lambda_g * masks.guidance(state)
+                loss = gate_surrogate(gates, gradients) + penalties
                 optimizer.zero_grad(set_to_none=True)
                 if loss.requires_grad:  # everything dense and no penalties: nothing to train
                     loss.backward()
@@ -246,9 +235,10 @@ class ARAAllocator(Allocator):
                 for name, logits in masks.logits.items():
                     averages[name].update(step, logits)
                 dense = sum(mask.dense for mask in state.values())
-                curve.append({"step": step, "loss": loss.item(), "ce": ce.item(), "ratio": ratio.item(),
+                total = ce + float(penalties.detach())
+                curve.append({"step": step, "loss": total, "ce": ce, "ratio": ratio.item(),
                               "binary_ratio": masks.binary_ratio(state), "dense": dense})
-                advance(loss=loss.item(), ratio=ratio.item(), dense=dense)
+                advance(loss=total, ratio=ratio.item(), dense=dense)
         seconds = time.perf_counter() - start
 
         with torch.no_grad():
@@ -263,7 +253,7 @@ class ARAAllocator(Allocator):
             priority = mask_priority(budget, {name: mask.soft.detach().cpu() for name, mask in final.items()})
         ranks = budget.rescale(trained, priority)
         info: dict[str, Any] = {
-            "settings": {"device": str(device), "autocast_bf16": bf16, "checkpointing": checkpointing,
+            "settings": {"device": str(device), "autocast_bf16": bf16,
                          "windows": list(windows.shape), "steps": steps, "epochs": steps * min(config.batch_size,
                                                                                                 windows.shape[0]) / windows.shape[0],
                          "tokens_per_step": min(config.batch_size, windows.shape[0]) * windows.shape[1],
@@ -299,11 +289,6 @@ def mask_priority(budget: Budget, soft: dict[str, torch.Tensor]) -> Priority:
         return value / (budget.cost(name, step) - budget.cost(name, rank))
 
     return mask_value
-
-
-def _leading(spectrum: Spectrum, rank: int) -> Spectrum:
-    """The first ``rank`` components (views): the gated layers never need more than the candidates."""
-    return Spectrum(spectrum.u[:, :rank], spectrum.sigma[:rank], spectrum.b_full[:rank])
 
 
 def _summary(curve: list[dict[str, float]], seconds: float) -> dict[str, Any]:

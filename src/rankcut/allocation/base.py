@@ -34,7 +34,7 @@ class AllocationContext:
     budget: Budget
     targets: list[TargetModule]
     spectra: Mapping[str, Spectrum] = field(default_factory=dict)
-    model: nn.Module | None = None  # the dense model in memory, frozen; for allocators that train or evaluate it whole
+    model: nn.Module | None = None  # a dense model in memory: ``stream`` is built from it when not given
     calibration: torch.Tensor | None = None  # nsamples x seqlen token ids
     seed: int = 0
     show_progress: bool = True
@@ -44,11 +44,12 @@ class AllocationContext:
     # state here (atomically: rankcut.workdir.write_atomically) and pick it up when the interrupted run
     # is rerun; the folder is deleted once the run's result is saved. See rankcut.workdir.
     work_dir: Path | None = None
-    # The calibration loss that learned allocators minimise, ``objective(model, token_ids) -> scalar``;
-    # None: mean next-token cross-entropy. Tests inject losses whose constrained optimum is known.
-    objective: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
-    # The dense model block by block, one block resident (weight gradients of the calibration loss): what
-    # allocators that declare ``streamed`` use. Given ``model`` alone, it runs that model's blocks.
+    # What the training allocators (ara, fermigrad, dobi) minimise, with its gate gradients
+    # (rankcut.allocation.spectral.GatedObjective); None: the next-token loss through ``stream``. Tests
+    # inject losses whose constrained optimum is known.
+    objective: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], tuple[float, dict[str, torch.Tensor]]] | None = None
+    # The dense model block by block, one block resident at a time: how allocators that need the model
+    # (``needs_model``) run it. Given ``model`` alone, it runs that model's blocks.
     stream: ModelStream | None = None
 
     def __post_init__(self) -> None:
@@ -77,8 +78,7 @@ class Allocator(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[PluginConfig]]
     needs_spectra: ClassVar[bool] = True  # False: the plan depends on shapes alone (uniform)
-    needs_model: ClassVar[bool] = False  # True: the allocator runs the model on calibration data
-    streamed: ClassVar[bool] = False  # True: it runs the model only through ``context.stream``, never whole
+    needs_model: ClassVar[bool] = False  # True: the allocator runs the model (``context.stream``) on calibration data
 
     def __init__(self, config: PluginConfig) -> None:
         self.config = config

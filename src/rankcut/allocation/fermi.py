@@ -44,9 +44,11 @@ rounding of the kept leading terms (gates ≈ 1, larger ``σ``), and the dropped
 of ``r``: full width early (``T₀`` a few percent of ``r``), ``μ + 5`` at ``T = 0.3``. Costs always
 sum all ``r`` components. Saturated gates (``f = 1``) are not detached: they cost no extra matmul.
 
-Cost per step: one forward and backward of the gated model (each target ``w(m+n)`` multiply-adds per
-token, vs ``mn`` dense), plus a dense forward for ``objective="kl"``, plus a recompute with
-``checkpointing``. Memory: the frozen model plus ``r(m+n)`` factor numbers per target.
+Cost per step: a forward over the blocks, then a reverse sweep that recomputes each block gated and
+backpropagates (:func:`~rankcut.allocation.spectral.gated_objective`; each target ``w(m+n)``
+multiply-adds per token, vs ``mn`` dense), plus a dense forward for ``objective="kl"``. Memory: one
+decoder block at a time with its targets' gated factors (read from the spectra store), one chunk of
+logits, and the ``L x r_max`` grid of ``μ``'s gates.
 """
 
 from __future__ import annotations
@@ -59,16 +61,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..plan import DENSE, Budget, Rank, RankPlan
 from ..progress import progress_bar
 from .base import ALLOCATORS, Allocation, AllocationContext, Allocator
 from .baselines import uniform_rank
-from .spectral import (SpectralLinear, TailAverage, TrainingSchedule, batches, gradient_checkpointing,
-                       language_model_loss, spectral_view)
+from .spectral import TailAverage, TrainingSchedule, batches, gate_surrogate, gated_objective
 
 SCORE_FRACTION = 0.25  # ΔL_i for the readout is averaged over this last fraction of the steps
 
@@ -80,7 +79,6 @@ class FermiTrainingConfig(TrainingSchedule):
     lr: float = 2.0  # step on μ, in rank units, decayed to 0 along a cosine
     objective: Literal["ce", "kl"] = "ce"  # next-token CE, or KL(dense ‖ gated) (one more forward per step)
     fill_priority: Literal["gradient", "energy"] = "gradient"  # readout repair/fill by ΔL_i or σ_i²
-    checkpointing: bool = False  # recompute each decoder block in backward (less memory, ≈ +1 forward)
 
     def validate(self) -> None:
         super().validate()
@@ -202,29 +200,6 @@ class FermiSystem:
         return {name: self.budget.normalize(name, int(k)) for name, k in zip(self.names, ranks.tolist())}
 
 
-def apply_gates(layers: list[SpectralLinear], occupations: torch.Tensor, widths: list[int]) -> None:
-    """Gate each layer with the first ``w`` occupations of its row (views: gradients reach the grid)."""
-    for layer, row, width in zip(layers, occupations, widths):
-        layer.gate = row[:width]
-
-
-def kl_to_dense(model: nn.Module, batch: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Mean per-token ``KL(p_dense ‖ p_gated)``; ``reference`` holds the dense log-probabilities."""
-    logits = model(input_ids=batch.to(reference.device), use_cache=False).logits.float()
-    return F.kl_div(logits.log_softmax(-1).flatten(0, 1), reference.flatten(0, 1), log_target=True,
-                    reduction="batchmean")
-
-
-def dense_log_probs(model: nn.Module, layers: list[SpectralLinear], batch: torch.Tensor) -> torch.Tensor:
-    """The dense model's log-probabilities (gates unset), recomputed per batch: storing them for the
-    whole calibration set would take ``tokens x vocab`` floats."""
-    for layer in layers:
-        layer.gate = None
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return model(input_ids=batch.to(device), use_cache=False).logits.float().log_softmax(-1)
-
-
 @dataclass
 class TrainingResult:
     mu: torch.Tensor  # final continuous ranks (float64, CPU)
@@ -277,16 +252,16 @@ def train_ranks(context: AllocationContext, system: FermiSystem, mu: torch.Tenso
     config's epochs (or steps), with ``temperatures(steps)`` the schedule. With the global shift,
     :class:`BudgetStep` steps; with the penalty (Dobi-SVD's form), Adam; both decay along a cosine, and
     the readout is ``μ`` averaged over the last ``config.average`` of the steps."""
-    model, budget = context.model, context.budget
-    if model is None or context.calibration is None:
+    budget = context.budget
+    if context.calibration is None or (context.objective is None and context.stream is None):
         raise ConfigError(f"{label} trains on calibration text: it needs the model and calibration token ids")
-    dtype = next(model.parameters()).dtype
-    eps = torch.finfo(dtype).eps
+    model = context.stream.model if context.stream is not None else None
+    eps = torch.finfo(next(model.parameters()).dtype if model is not None else torch.float32).eps
     windows = context.calibration if config.seqlen is None else context.calibration[:, : config.seqlen]
     steps = config.steps_for(windows.shape[0])
     temperature = temperatures(steps)
     stream = batches(windows, min(config.batch_size, windows.shape[0]), context.seed)
-    objective = context.objective or language_model_loss
+    objective = context.objective or gated_objective(context.stream, context.spectra, config.objective)
     mu = system.clamp(mu.to(system.full.device)).requires_grad_()
     if budget_mode == "shift":
         step_mu, schedule = BudgetStep(config.lr, steps), None
@@ -300,31 +275,27 @@ def train_ranks(context: AllocationContext, system: FermiSystem, mu: torch.Tenso
     full_flops = float((system.full * system.width).sum())
     curve: list[dict[str, float]] = []
     start = time.perf_counter()
-    with (spectral_view(model, context.targets, context.spectra) as views,
-          gradient_checkpointing(model, config.checkpointing),
-          progress_bar(f"{label}: train ranks", steps, enabled=context.show_progress) as advance):
-        layers = [views[name] for name in system.names]
+    with progress_bar(f"{label}: train ranks", steps, enabled=context.show_progress) as advance:
         for step in range(steps):
             temp = temperature(step)
             if budget_mode == "shift":
                 with torch.no_grad():
                     mu.copy_(system.shift_to_budget(mu, temp))
-            batch = next(stream)
-            reference = dense_log_probs(model, layers, batch) if config.objective == "kl" else None
             occupations = system.occupations(mu, temp)
-            occupations.retain_grad()
             widths = system.gate_widths(mu, temp, eps)
-            apply_gates(layers, occupations, widths)
-            task = objective(model, batch) if reference is None else kl_to_dense(model, batch, reference)
+            gates = {name: row[:width] for name, row, width in zip(system.names, occupations, widths)}
+            task, gradients = objective(next(stream), {name: gate.detach() for name, gate in gates.items()})
             ratio = system.soft_ratio(mu, temp)
-            loss = task + penalty * (ratio - budget.keep_ratio).abs() if budget_mode == "penalty" else task
+            loss = gate_surrogate(gates, gradients)
+            if budget_mode == "penalty":
+                loss = loss + penalty * (ratio - budget.keep_ratio).abs()
             mu.grad = None
             loss.backward()
             gated = torch.tensor(widths, dtype=torch.float64, device=mu.device)
             if step >= first_scored:
-                seen = system.index[None, :] <= gated[:, None]
-                score_sum -= occupations.grad * seen
-                score_count += seen
+                for row, (name, width) in enumerate(zip(system.names, widths)):
+                    score_sum[row, :width] -= gradients[name].to(score_sum)
+                score_count += system.index[None, :] <= gated[:, None]
             if isinstance(step_mu, BudgetStep):
                 step_mu.step(mu, system.cost_slopes(mu, temp))
             else:
@@ -334,12 +305,10 @@ def train_ranks(context: AllocationContext, system: FermiSystem, mu: torch.Tenso
                 mu.copy_(system.clamp(mu))
             average.update(step, mu)
             width = float((gated * system.width).sum()) / full_flops
-            point = {"step": step, "loss": task.item(), "ratio": ratio.item(), "T_max": float(temp.max()),
+            point = {"step": step, "loss": task, "ratio": ratio.item(), "T_max": float(temp.max()),
                      "hard_ratio": budget.total(system.readout(mu)) / budget.dense_total, "gate_width": width}
             curve.append(point)
             advance(loss=point["loss"], ratio=point["ratio"], hard=point["hard_ratio"], T=point["T_max"])
-        for layer in layers:
-            layer.gate = None
     final, temp = system.clamp(average.value().to(mu.device)), temperature(steps - 1)
     if budget_mode == "shift":
         final = system.shift_to_budget(final, temp)
@@ -408,7 +377,7 @@ class _FermiAllocator(Allocator):
         """Train ``μ``; also the component values that repair and fill the readout: the learned ``ΔL``
         scores, or ``σ²`` with ``fill_priority="energy"``. Their :meth:`ComponentValues.priority`
         restores first the components predicted to lower the loss most per parameter."""
-        device = next(context.model.parameters()).device if context.model is not None else "cpu"
+        device = context.stream.device if context.stream is not None else "cpu"
         system = FermiSystem(context.budget, device)
         result = train_ranks(context, system, system.uniform(), lambda steps: self.temperatures(system, steps),
                              self.config, budget_mode, penalty, self.name)

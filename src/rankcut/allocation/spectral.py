@@ -4,10 +4,17 @@ Each target linear is swapped for a :class:`SpectralLinear`, a frozen view of it
 per-component gate ``g``: ``y = (U σ) (g ⊙ (Bfull x)) + b``. With ``g`` a hard prefix mask of length k
 it computes exactly the rank-k truncation; with ``g`` soft (a Fermi function, a staircase mask) the
 loss is differentiable in the allocator's parameters. Only the gates train: weights and factors are
-buffers. A layer may also run its dense weight instead (ARA's dynamic flow).
+buffers. Without a gate a layer runs its dense weight (ARA's dynamic flow).
 
 Cost: a gated layer of width ``len(g)`` costs ``len(g)(m+n)`` multiply-adds per token, so allocators
 should pass gates no longer than the components they can switch on.
+
+The training allocators see the model only through a :data:`GatedObjective`: the calibration loss at
+given gates and its gradient with respect to them. :func:`gated_objective` computes both one block
+resident at a time on the allocator's :class:`~rankcut.sweep.ModelStream`: a forward that saves each
+block's input, the loss through the head in chunks of tokens, and a reverse sweep that recomputes each
+block with its targets gated (their factors read from the spectra store for that block only) and
+backpropagates into the gates. The allocators then carry the gradients into their own parameters.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
@@ -24,7 +31,14 @@ from torch.nn import functional as F
 from ..decomposition import Spectrum
 from ..errors import ConfigError
 from ..registry import PluginConfig
+from ..sweep import ModelStream
 from ..targets import TargetModule, set_submodule
+
+GatedObjective = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], tuple[float, dict[str, torch.Tensor]]]
+"""``objective(token_ids, gates) -> (loss, {name: ∂loss/∂gate})``: the calibration loss with each target
+named in ``gates`` run as its whitened SVD gated by ``gates[name]`` (its first ``len(gate)`` components;
+the other targets dense), and the loss's gradient with respect to every gate. The allocators' own
+parameters get theirs through :func:`gate_surrogate`. Tests inject objectives whose optimum is known."""
 
 
 class SpectralLinear(nn.Module):
@@ -38,14 +52,13 @@ class SpectralLinear(nn.Module):
         self.register_buffer("scaled_u", (spectrum.u.double() * spectrum.sigma).to(dtype=dtype, device=device), persistent=False)
         self.register_buffer("b_full", spectrum.b_full.to(dtype=dtype, device=device), persistent=False)
         self.gate: torch.Tensor | None = None  # set before each forward; None runs the dense weight
-        self.use_dense = False
 
     @property
     def full_rank(self) -> int:
         return self.b_full.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_dense or self.gate is None:
+        if self.gate is None:
             return self.dense_linear(x)
         width = self.gate.shape[0]
         hidden = F.linear(x, self.b_full[:width]) * self.gate.to(x.dtype)
@@ -76,12 +89,57 @@ def spectral_view(model: nn.Module, targets: list[TargetModule], spectra: Mappin
             parameter.requires_grad_(requires.get(name, True))
 
 
-def language_model_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``batch`` (token ids), in float32."""
-    device = next(model.parameters()).device
-    batch = batch.to(device)
-    logits = model(input_ids=batch, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+def gated_objective(stream: ModelStream, spectra: Mapping[str, Spectrum], loss: Literal["ce", "kl"] = "ce",
+                    autocast: torch.dtype | None = None) -> GatedObjective:
+    """The :data:`GatedObjective` of the model behind ``stream``, one block resident at a time (module
+    docstring): the mean next-token cross-entropy, or with ``loss="kl"`` the mean ``KL(p_dense ‖ p_gated)``
+    (the dense model's last outputs are computed first, one more forward). ``autocast``: run the blocks
+    under CUDA autocast to that dtype."""
+    model = stream.model
+    by_block: dict[int, list[str]] = {}
+    for target in stream.targets:
+        by_block.setdefault(target.block, []).append(target.name)
+
+    def objective(batch: torch.Tensor, gates: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        reference = stream.final_hidden(batch, batch.shape[0]) if loss == "kl" else None
+        gradients: dict[str, torch.Tensor] = {}
+
+        @contextlib.contextmanager
+        def gated(index: int, _block: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+            layers: dict[str, SpectralLinear] = {}
+            try:
+                with contextlib.ExitStack() as stack:
+                    if autocast is not None:
+                        stack.enter_context(torch.autocast("cuda", dtype=autocast))
+                    for name in by_block.get(index, []):
+                        if name in gates:
+                            gate = gates[name]
+                            layer = SpectralLinear(model.get_submodule(name), _leading(spectra[name], gate.numel()))
+                            layer.gate = gate.detach().to(layer.b_full.device).requires_grad_()
+                            set_submodule(model, name, layer)
+                            layers[name] = layer
+                    yield {name: layer.gate for name, layer in layers.items()}
+            finally:
+                for name, layer in layers.items():
+                    set_submodule(model, name, layer.dense_linear)
+
+        value = stream.weight_gradients(batch, batch.shape[0], lambda _index, block: gradients.update(block), gated,
+                                        weights_too=False, reference=reference)
+        return value, gradients
+
+    return objective
+
+
+def gate_surrogate(gates: Mapping[str, torch.Tensor], gradients: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``Σ_l ⟨g_l, ∂L/∂g_l⟩``: a scalar whose gradient with respect to whatever the gates were computed
+    from (through their autograd graph) is the objective's, so it can stand in for the loss in backward."""
+    terms = [(gates[name] * gradient.to(gates[name])).sum() for name, gradient in gradients.items()]
+    return sum(terms) if terms else torch.zeros(())
+
+
+def _leading(spectrum: Spectrum, rank: int) -> Spectrum:
+    """The first ``rank`` components (the gated layers never need more than their gate's width)."""
+    return Spectrum(spectrum.u[:, :rank], spectrum.sigma[:rank], spectrum.b_full[:rank])
 
 
 def batches(calibration: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -91,23 +149,6 @@ def batches(calibration: torch.Tensor, batch_size: int, seed: int) -> Iterator[t
         order = torch.randperm(calibration.shape[0], generator=generator)
         for first in range(0, len(order) - batch_size + 1, batch_size):
             yield calibration[order[first : first + batch_size]]
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Recompute each decoder block in backward (HF's per-block checkpointing) to bound activation
-    memory by one block; the model is put in train mode (dropout-free LMs) only meanwhile."""
-    was_training = model.training
-    supported = enabled and getattr(model, "supports_gradient_checkpointing", False)
-    if supported:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-    try:
-        yield
-    finally:
-        if supported:
-            model.gradient_checkpointing_disable()
-        model.train(was_training)
 
 
 @dataclass

@@ -215,7 +215,6 @@ class StrsAllocator(Allocator):
     """ASVD's sensitivity-based truncation rank search (see the module docstring)."""
 
     needs_model = True
-    streamed = True
     config: StrsConfig
 
     def allocate_ranks(self, context: AllocationContext) -> Allocation:

@@ -184,7 +184,6 @@ class ZeroSumAllocator(Allocator):
     """ZS-SVD rank allocation (see the module docstring); needs the model and calibration data."""
 
     needs_model = True
-    streamed = True
     config: ZeroSumConfig
 
     def allocate_ranks(self, context: AllocationContext) -> Allocation:
