@@ -36,11 +36,14 @@ SHAPES = {
                   vocab_size=32000),
 }
 PLANS = {  # suite -> (blocks, allocators, nsamples x seqlen, device, compute dtype)
-    "depth": ([4, 16, 32], ["uniform", "energy", "zerosum", "strs"], (32, 256), "cpu", "float32"),
+    "depth": ([4, 16, 32], ["uniform", "energy", "zerosum", "strs", "ara", "fermigrad", "dobi"], (32, 256), "cpu",
+              "float32"),
     "width": ([2, 8], ["uniform", "zerosum"], (32, 512), "cpu", "float32"),
     "gpu": ([2, 4], ["uniform", "zerosum"], (32, 512), "cuda", "bfloat16"),  # benchmarks/gpu_check.sh
     "tiny": ([2], ["uniform"], (4, 32), "cpu", "float32"),  # the script's own test
 }
+# The training allocators' memory is that of one step: a few steps measure it (not the quality of a plan).
+ALLOCATOR_OPTIONS = {"ara": {"steps": 4}, "fermigrad": {"steps": 4}, "dobi": {"steps": 4}}
 SHAPES["gpu"] = SHAPES["width"]
 SHAPES["tiny"] = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                       vocab_size=512)
@@ -99,7 +102,7 @@ def run_cell(folder: Path, allocator: str, nsamples: int, seqlen: int, out: Path
     from rankcut.estimate import estimate_compression
     from rankcut.checkpoint import CheckpointSource
 
-    config = CompressionConfig(keep_ratio=0.8, allocator=allocator,
+    config = CompressionConfig(keep_ratio=0.8, allocator=allocator, allocator_options=ALLOCATOR_OPTIONS.get(allocator, {}),
                                calibration=CalibrationConfig("random", "-", nsamples, seqlen, batch_size=8))
     torch_dtype = resolve_dtype(dtype)
     source = CheckpointSource.open(folder)
@@ -117,11 +120,14 @@ def run_cell(folder: Path, allocator: str, nsamples: int, seqlen: int, out: Path
             "wall_seconds": wall, "timings": report.timings, "measured": report.measured}
 
 
-def measure(suite: str, threads: int, results: Path = RESULTS) -> None:
+def measure(suite: str, threads: int, results: Path = RESULTS, only: list[str] | None = None,
+            depths: list[int] | None = None) -> None:
+    """The suite's cells not recorded yet (``only`` those allocators, ``depths`` those block counts)."""
     blocks_list, allocators, (nsamples, seqlen), device, dtype = PLANS[suite]
     results.mkdir(parents=True, exist_ok=True)
-    for blocks in blocks_list:
-        pending = [a for a in allocators if not (results / f"{suite}-{blocks}-{a}.json").exists()]
+    for blocks in (b for b in blocks_list if depths is None or b in depths):
+        pending = [a for a in allocators if not (results / f"{suite}-{blocks}-{a}.json").exists()
+                   and (only is None or a in only)]
         if not pending:
             continue
         with tempfile.TemporaryDirectory(prefix="rankcut-scale-") as scratch:
@@ -137,6 +143,7 @@ def measure(suite: str, threads: int, results: Path = RESULTS) -> None:
                     print(result.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"cell {cell.name} failed")
                 record = {"suite": suite, "blocks": blocks, "allocator": allocator, "shape": SHAPES[suite],
+                          "allocator_options": ALLOCATOR_OPTIONS.get(allocator, {}),
                           "device_kind": device,
                           "nsamples": nsamples, "seqlen": seqlen, "threads": threads,
                           "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -157,7 +164,8 @@ def predict(cell: dict) -> tuple[int, int]:
 
     config = LlamaConfig(**cell["shape"], num_hidden_layers=cell["blocks"], max_position_embeddings=4096,
                          tie_word_embeddings=False)
-    run = CompressionConfig(keep_ratio=0.8, allocator=cell["allocator"], calibration=CalibrationConfig(
+    run = CompressionConfig(keep_ratio=0.8, allocator=cell["allocator"],
+                            allocator_options=cell.get("allocator_options", {}), calibration=CalibrationConfig(
         "random", "-", cell["nsamples"], cell["seqlen"], batch_size=8))
     estimate = estimate_compression(config, run, dtype=resolve_dtype(cell.get("dtype", "float32")),
                                     device=cell.get("device_kind", "cpu"))
@@ -307,13 +315,15 @@ def main() -> None:
     parser.add_argument("suites", nargs="*", help=f"any of {sorted(PLANS)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--render", action="store_true")
+    parser.add_argument("--allocators", nargs="+", help="only these allocators of the suites")
+    parser.add_argument("--blocks", nargs="+", type=int, help="only these block counts of the suites")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of cell records")
     parser.add_argument("--page", type=Path, default=PAGE)
     args = parser.parse_args()
     if unknown := sorted(set(args.suites) - set(PLANS)):
         parser.error(f"unknown suite(s) {unknown}; choose from {sorted(PLANS)}")
     for suite in args.suites:
-        measure(suite, args.threads, args.results)
+        measure(suite, args.threads, args.results, args.allocators, args.blocks)
     if args.render:
         render(args.results, args.page)
 
