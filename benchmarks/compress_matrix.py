@@ -7,15 +7,16 @@ cell, and the dense row (`--dense`, written to dense.json), can hold:
 - perplexity on each `--eval` spec (`dataset:split[:max_windows]`);
 - zero-shot accuracy (`--zeroshot`) on `--zeroshot-tasks` through lm-evaluation-harness, with the first
   `--zeroshot-limit` items per task (recorded as `limit` in the JSON; on a 2-core CPU the full sets
-  take hours per model);
+  take hours per model), with lm-eval's standard errors and that of the average; each task is stored
+  as soon as it is done, so an interrupted run resumes at the next task;
 - speed and memory (`--speed`): prefill tokens/s (512-token prompt), decode tokens/s (batch 1), peak
-  RSS and weight bytes, plus their ratios to the dense model's figures. Every model, dense or
+  RSS and weight bytes, and the compressed/dense ratios from `--speed-rounds` interleaved rounds (the
+  dense model and the cell's, alternating which goes first), reported as the median ratio with its
+  range over the rounds (`rankcut.evaluation.speed.paired_ratios`). Every model, dense or
   compressed, is measured in a fresh Python process loading it from disk, so that what this process
-  ran before (calibration, lm-eval) does not weigh on its timings or its peak RSS. The dense
-  measurement is taken once per results folder, cached in dense.json and reused by every cell; it
-  is taken again when a cell was measured under other conditions (threads, torch, device, dtype,
-  probe settings). Timings are only comparable when both sides were measured on an idle machine:
-  each measurement records the 1-minute load average seen just before it.
+  ran before (calibration, lm-eval) does not weigh on its timings or its peak RSS. Timings are only
+  comparable when both sides were measured on an idle machine: each measurement records the 1-minute
+  load average seen just before it.
 
 Runs resume: a cell whose JSON holds every requested evaluation is skipped; one that lacks some (say,
 perplexity done but zero-shot not) gets only the missing ones, which needs the compressed model: it
@@ -23,8 +24,7 @@ is loaded from its artifact under `--artifacts DIR`; when that artifact is gone,
 again and used only if it reproduces the stored rank plan (otherwise it is skipped with a message saying
 so, as it is without `--artifacts`). With `--artifacts` the cell JSON is also written after each evaluation,
 so an interrupted cell resumes without compressing again; without it, a cell's JSON is written once
-all its evaluations are done. Zero-shot is one unit: if any requested task is missing, or the stored
-results used another limit, the requested tasks are all evaluated again.
+all its evaluations are done. Zero-shot tasks stored under another limit are all evaluated again.
 
 Example (the SmolLM2 rows of benchmarks/RESULTS.md):
     RANKCUT_DATA=../shared/data python benchmarks/compress_matrix.py --model smollm2-135m \
@@ -40,6 +40,7 @@ import functools
 import gc
 import itertools
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -55,8 +56,8 @@ import torch
 
 import rankcut
 from rankcut.data import load_text
-from rankcut.evaluation.speed import compare_speed
-from rankcut.evaluation.zeroshot import DEFAULT_TASKS, evaluate_zeroshot
+from rankcut.evaluation.speed import compare_speed, paired_ratios
+from rankcut.evaluation.zeroshot import DEFAULT_TASKS, evaluate_zeroshot, task_average
 from rankcut.compress import CLOSED_LOOPS
 from rankcut.workdir import write_atomically
 
@@ -73,9 +74,6 @@ result.update(threads=torch.get_num_threads(), torch=torch.__version__, load_ave
 with open(sys.argv[2], "w") as file:
     json.dump(result, file)
 """
-# What must agree for a dense and a compressed speed measurement to be compared.
-SPEED_CONDITIONS = ("prompt_tokens", "decode_tokens", "repeats", "device", "dtype", "threads", "torch")
-
 Loader = Callable[[], tuple[Any, Any]]
 
 
@@ -87,6 +85,7 @@ class Evaluations:
     zeroshot: tuple[str, ...] = ()
     zeroshot_limit: int | None = None
     speed: bool = False
+    speed_rounds: int = 5
 
     def __bool__(self) -> bool:
         return bool(self.perplexity or self.zeroshot or self.speed)
@@ -99,15 +98,17 @@ class Evaluations:
 
 
 def missing(row: dict, wanted: Evaluations) -> Evaluations:
-    """The part of ``wanted`` that ``row`` does not hold yet."""
+    """The part of ``wanted`` that ``row`` does not hold yet: zero-shot tasks are counted one by one, at
+    the wanted item limit (all of them again under another limit)."""
     zeroshot = row.get("zeroshot")
-    zeroshot_done = zeroshot is not None and zeroshot["limit"] == wanted.zeroshot_limit and set(
-        wanted.zeroshot) <= set(zeroshot["tasks"])
+    done = set(zeroshot["tasks"]) if zeroshot is not None and zeroshot["limit"] == wanted.zeroshot_limit else set()
     return Evaluations(
         perplexity=tuple(spec for spec in wanted.perplexity if spec not in row.get("perplexity", {})),
-        zeroshot=() if zeroshot_done else wanted.zeroshot,
+        zeroshot=tuple(task for task in wanted.zeroshot if task not in done),
         zeroshot_limit=wanted.zeroshot_limit,
-        speed=wanted.speed and "speed" not in row,
+        speed=wanted.speed and ("speed" not in row if row.get("cell") == "dense"
+                                else len(row.get("speed_rounds", [])) < wanted.speed_rounds),
+        speed_rounds=wanted.speed_rounds,
     )
 
 
@@ -148,27 +149,6 @@ def isolated_speed(source: str | Path) -> dict:
     return result
 
 
-def speed_conditions(speed: dict) -> dict:
-    return {key: speed.get(key) for key in SPEED_CONDITIONS}
-
-
-def dense_speed(results: Path, model: str, like: dict) -> dict:
-    """The dense model's speed cached in dense.json, measured first when missing or taken under other
-    conditions than ``like`` (a compressed model's measurement)."""
-    path = results / "dense.json"
-    dense = read_row(path, model, {"cell": "dense", "model": model, "perplexity": {}})
-    cached = dense.get("speed")
-    if cached is not None and speed_conditions(cached) == speed_conditions(like):
-        print(f"    dense speed: reusing {path}", flush=True)
-        return cached
-    why = ("none cached" if cached is None else
-           f"cached under {speed_conditions(cached)}, this cell under {speed_conditions(like)}")
-    print(f"    dense speed: measuring ({why})", flush=True)
-    dense["speed"] = isolated_speed(model)
-    write_json(path, dense)
-    return dense["speed"]
-
-
 def add_evaluations(row: dict, todo: Evaluations, load: Loader, source: str | Path | None, args: argparse.Namespace,
                     checkpoint: Callable[[], None]) -> None:
     """Run the evaluations in ``todo`` into ``row``, calling ``checkpoint`` after each.
@@ -180,20 +160,41 @@ def add_evaluations(row: dict, todo: Evaluations, load: Loader, source: str | Pa
         model, tokenizer = load()
         row.setdefault("perplexity", {})[spec] = perplexity(model, tokenizer, spec, args.eval_seqlen)
         checkpoint()
-    if todo.zeroshot:
+    for task in todo.zeroshot:  # one task at a time, each kept as it is done: a long run resumes by task
         model, tokenizer = load()
         start = time.perf_counter()
-        row["zeroshot"] = evaluate_zeroshot(model, tokenizer, todo.zeroshot, limit=todo.zeroshot_limit)
-        print(f"    zero-shot: average acc {row['zeroshot']['average_acc']:.4f} over {len(todo.zeroshot)} tasks, "
-              f"limit {todo.zeroshot_limit} ({time.perf_counter() - start:.0f} s)", flush=True)
+        result = evaluate_zeroshot(model, tokenizer, [task], limit=todo.zeroshot_limit)
+        stored = row.get("zeroshot")
+        if stored is None or stored["limit"] != todo.zeroshot_limit:
+            stored = row["zeroshot"] = {**result, "tasks": {}, "seconds": {}}
+        stored["tasks"][task] = result["tasks"][task]
+        stored.setdefault("seconds", {})[task] = time.perf_counter() - start
+        stored["average_acc"], stored["average_acc_stderr"] = task_average(stored["tasks"])
+        metrics = result["tasks"][task]
+        print(f"    zero-shot {task}: acc {metrics['acc']:.4f} ± {metrics.get('acc_stderr', math.nan):.4f} over "
+              f"{metrics['n']} items ({stored['seconds'][task]:.0f} s)", flush=True)
         checkpoint()
-    if todo.speed:
+    if todo.speed and row["cell"] == "dense":
         row["speed"] = isolated_speed(source)
-        if row["cell"] != "dense":
-            row["speed_dense"] = dense_speed(args.results, args.model, row["speed"])
-            row["speed_ratio"] = compare_speed(row["speed_dense"], row["speed"])
-            print(f"    compressed/dense: prefill x{row['speed_ratio']['prefill_speedup']:.2f}, "
-                  f"decode x{row['speed_ratio']['decode_speedup']:.2f}", flush=True)
+        checkpoint()
+    elif todo.speed:
+        rounds = []
+        for index in range(todo.speed_rounds):  # interleaved, alternating which model goes first
+            sides = ("dense", "compressed") if index % 2 == 0 else ("compressed", "dense")
+            rounds.append({side: isolated_speed(args.model if side == "dense" else source) for side in sides})
+        dense_runs, compressed_runs = [r["dense"] for r in rounds], [r["compressed"] for r in rounds]
+
+        def median_run(runs: list[dict]) -> dict:
+            return sorted(runs, key=lambda run: run["prefill_tokens_per_s"])[len(runs) // 2]
+
+        row["speed_rounds"] = rounds
+        row["speed"], row["speed_dense"] = median_run(compressed_runs), median_run(dense_runs)
+        row["speed_ratio"] = {**compare_speed(row["speed_dense"], row["speed"]),
+                              **paired_ratios(dense_runs, compressed_runs)}
+        ratio = row["speed_ratio"]
+        print("    compressed/dense over {rounds} rounds: prefill x{prefill_speedup:.2f}, decode x{decode_speedup:.2f}"
+              .format(**ratio) + f" (ranges {ratio['prefill_speedup_range']}, {ratio['decode_speedup_range']})",
+              flush=True)
         checkpoint()
 
 
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zeroshot-limit", type=int, help="first N items per task (default: all)")
     parser.add_argument("--speed", action="store_true",
                         help="prefill/decode tokens/s and memory, against the dense model")
+    parser.add_argument("--speed-rounds", type=int, default=5,
+                        help="interleaved dense/compressed measurements per cell, for the ratios' median and range")
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/smollm2"))
     parser.add_argument("--artifacts", type=Path, help="save each compressed model here (and resume from it)")
@@ -305,12 +308,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="", help="suffix for cell names (e.g. an ablation label)")
     parser.add_argument("--spectra-cache", type=Path, help="reuse spectra across cells with the same calibration")
     args = parser.parse_args(argv)
+    if args.speed_rounds < 1:
+        parser.error(f"--speed-rounds must be >= 1, got {args.speed_rounds}")
     args.results.mkdir(parents=True, exist_ok=True)
     allocator_options = json.loads(args.allocator_options)
     environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                    "rankcut": rankcut.__version__}
     wanted = Evaluations(tuple(args.eval), tuple(args.zeroshot_tasks) if args.zeroshot else (), args.zeroshot_limit,
-                         args.speed)
+                         args.speed, args.speed_rounds)
 
     if args.dense:
         dense_row(args, wanted, environment)

@@ -17,10 +17,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rankcut.allocation import create_allocator
+from rankcut.evaluation.zeroshot import task_average
 from rankcut.plan import RankPlan
 from rankcut.plots import plot_pareto, plot_ranks
 
 MISSING = "—"
+# Zero-shot figures over fewer items per task than this are not shown: at 25 items a task's accuracy
+# swings by ±0.1 and the dense model averaged below compressed ones (issue 21). `main` sets the figure in
+# use from --min-zeroshot-items.
+DEFAULT_MIN_ZEROSHOT_ITEMS = 500
+min_zeroshot_items = DEFAULT_MIN_ZEROSHOT_ITEMS
 # Perplexity columns always shown, in this order; other (dataset, split) pairs found get columns after them.
 PPL_COLUMNS = {("wikitext2", "test"): "WikiText-2 test ppl", ("c4", "validation"): "C4 ppl"}
 
@@ -54,13 +61,45 @@ def perplexities(row: dict, dataset: str, split: str) -> dict[int, float]:
             if (e["dataset"], e["split"]) == (dataset, split)}
 
 
-def zeroshot_summary(row: dict) -> tuple[float, tuple[str, ...], int | None] | None:
-    """Mean acc over the tasks the row has, those tasks and the item limit per task."""
+def zeroshot_summary(row: dict) -> tuple[float, float | None, tuple[str, ...], int | None] | None:
+    """Mean acc over the tasks the row has, its standard error, those tasks and the item limit per task;
+    None when the row has none, or when its limit is under ``min_zeroshot_items``."""
     zeroshot = row.get("zeroshot")
-    accs = {task: m["acc"] for task, m in (zeroshot or {}).get("tasks", {}).items() if "acc" in m}
-    if not accs:
+    if not zeroshot or (zeroshot["limit"] is not None and zeroshot["limit"] < min_zeroshot_items):
         return None
-    return sum(accs.values()) / len(accs), tuple(sorted(accs)), zeroshot["limit"]
+    tasks = {task: m for task, m in zeroshot["tasks"].items() if "acc" in m}
+    if not tasks:
+        return None
+    mean, stderr = task_average(tasks)
+    return mean, stderr, tuple(sorted(tasks)), zeroshot["limit"]
+
+
+def accuracy_text(summary: tuple | None, reference: tuple | None = None, name: str = "dense") -> str:
+    """``mean ± stderr``, with ``(≈ name)`` where it differs from ``reference``'s mean by less than twice
+    their combined standard error: no significant difference."""
+    if summary is None:
+        return MISSING
+    mean, stderr = summary[:2]
+    text = f"{mean:.4f}" if stderr is None else f"{mean:.4f} ± {stderr:.4f}"
+    if reference is not None and reference is not summary and None not in (stderr, reference[1]):
+        if abs(mean - reference[0]) < 2 * math.hypot(stderr, reference[1]):
+            text += f" (≈ {name})"
+    return text
+
+
+def speed_text(row: dict, key: str) -> str:
+    """The compressed/dense ratio: the median over interleaved rounds with its range, or "no measurable
+    difference" where the range includes 1; a single measurement's ratio as it is."""
+    ratio = row.get("speed_ratio", {})
+    value, span = ratio.get(key), ratio.get(f"{key}_range")
+    if value is None:
+        return MISSING
+    if span is None:
+        return f"{value:.2f}"
+    low, high = span
+    if low <= 1.0 <= high:
+        return f"no measurable difference ({low:.2f}–{high:.2f})"
+    return f"{value:.2f} ({low:.2f}–{high:.2f})"
 
 
 def limit_text(limit: int | None) -> str:
@@ -127,6 +166,77 @@ def sort_key(cell: dict) -> tuple:
             config["allocator"], tag(cell))
 
 
+def reproduce_command(cell: dict) -> str:
+    """The `rankcut compress` command line that makes the cell's model."""
+    config = cell["report"]["config"]
+    calibration = config["calibration"]
+    mode, steps = closed_loop(cell)
+    parts = [f"rankcut compress --model {cell['model']} --keep {config['keep_ratio']:g} --allocator {config['allocator']}",
+             f"--format {config['factor_format']} --whitening {config['whitening']} --calib {calibration['dataset']}",
+             f"--calib-split {calibration['split']} --nsamples {calibration['nsamples']} --seqlen {calibration['seqlen']}"]
+    # the options the plan was made with that differ from today's defaults (options since removed, which
+    # only traded memory for time, cannot be passed)
+    defaults = create_allocator(config["allocator"]).config.to_dict()
+    used = cell["report"]["plan"].get("allocator_config") or config["allocator_options"]
+    parts += [f"-a {key}={value if isinstance(value, str) else json.dumps(value)}"
+              for key, value in used.items() if key in defaults and defaults[key] != value]
+    if mode != "none":
+        parts.append(f"--closed-loop {mode}")
+    if steps:
+        parts.append(f"--refine-steps {steps} --refine-lr {config['refine_lr']:g}")
+    return " ".join(parts)
+
+
+def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
+    """Dense and, per keep ratio, the best pipeline: the lowest WikiText-2 test perplexity over the most
+    windows any cell of that keep ratio was measured on (the full split where one was), with what it
+    costs and the command that makes it."""
+    keeps = sorted({c["report"]["config"]["keep_ratio"] for c in cells}, reverse=True)
+    best = []
+    for keep in keeps:
+        group = [c for c in cells if c["report"]["config"]["keep_ratio"] == keep and perplexities(c, "wikitext2", "test")]
+        if group:
+            windows = max(w for c in group for w in perplexities(c, "wikitext2", "test"))
+            measured = [c for c in group if windows in perplexities(c, "wikitext2", "test")]
+            best.append(min(measured, key=lambda c: perplexities(c, "wikitext2", "test")[windows]))
+    if not best:
+        return []
+    rows = ([dense] if dense else []) + best
+    reference = zeroshot_summary(dense) if dense else None
+
+    def ppl(row: dict, dataset: str, split: str) -> str:
+        figures = perplexities(row, dataset, split)
+        return f"{figures[max(figures)]:.2f} ({max(figures)})" if figures else MISSING
+
+    body = []
+    for row in rows:
+        if row is dense:
+            pipeline, keep, params, size, seconds, peak, command = "dense", "1", MISSING, MISSING, MISSING, MISSING, MISSING
+            if "speed" in row:
+                size = f"{row['speed']['weight_bytes'] / 2**20:.0f}"
+        else:
+            config, measured = row["report"]["config"], row["report"]["measured"]
+            mode, steps = closed_loop(row)
+            pipeline = " + ".join([config["allocator"] + (f" `{tag(row)}`" if tag(row) and mode == "none" else ""),
+                                   *([f"closed loop {mode}"] if mode != "none" else []),
+                                   *([f"refine {steps}"] if steps else []), config["factor_format"]])
+            keep = f"{config['keep_ratio']:g}"
+            params, size = f"{measured['model_params']:,}", f"{measured['weight_bytes'] / 2**20:.0f}"
+            seconds, peak = f"{row['compress_seconds']:.0f}", f"{row['report']['peak_memory_bytes'] / 2**30:.2f}"
+            command = f"`{reproduce_command(row)}`"
+        body.append([pipeline, keep, ppl(row, "wikitext2", "test"), ppl(row, "c4", "validation"),
+                     accuracy_text(zeroshot_summary(row), reference), params, size, seconds, peak,
+                     "1.00" if row is dense else speed_text(row, "prefill_speedup"),
+                     "1.00" if row is dense else speed_text(row, "decode_speedup"), command])
+    return ["### Headline: dense and the best pipeline per keep ratio", "",
+            *render(["pipeline", "keep", "WikiText-2 test ppl (windows)", "C4 ppl (windows)", "zero-shot avg acc",
+                     "parameters", "weights MiB", "compress s", "peak GiB", "prefill ×dense", "decode ×dense",
+                     "command"], body),
+            "", "The best pipeline of a keep ratio has the lowest WikiText-2 test perplexity over the most windows any "
+            "cell of that ratio was measured on (the full split, where one was); C4 over its windows; the rest of the "
+            "page holds every cell.", ""]
+
+
 def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
     """The main table: one row per cell plus the dense row, with notes on how to read it."""
     rows = ([dense] if dense else []) + cells
@@ -135,7 +245,7 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
     triples = sorted(measured, key=lambda t: (order.index(t[:2]) if t[:2] in order else len(order), t[:2], -t[2]))
     ppl_columns = {t: f"{PPL_COLUMNS.get(t[:2], f'{t[0]} {t[1]} ppl')}, {t[2]} windows" for t in triples}
     zeroshot = {id(r): s for r in rows if (s := zeroshot_summary(r))}
-    common = Counter(s[1:] for s in zeroshot.values()).most_common(1)
+    common = Counter(s[2:] for s in zeroshot.values()).most_common(1)
     common = common[0][0] if common else None
 
     def ppl(row: dict, triple: tuple[str, str, int]) -> str:
@@ -144,14 +254,14 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
     def accuracy(row: dict) -> str:
         if id(row) not in zeroshot:
             return MISSING
-        average, tasks, limit = zeroshot[id(row)]
-        other = f" ({len(tasks)} tasks, {limit_text(limit)})" if (tasks, limit) != common else ""
-        return f"{average:.4f}{other}"
+        summary = zeroshot[id(row)]
+        other = f" ({len(summary[2])} tasks, {limit_text(summary[3])})" if summary[2:] != common else ""
+        return accuracy_text(summary, zeroshot.get(id(dense)) if dense else None) + other
 
     def speedup(row: dict, key: str) -> str:
         if row is dense:
             return "1.00" if "speed" in row else MISSING
-        return fmt(row.get("speed_ratio", {}).get(key), ".2f")
+        return speed_text(row, key)
 
     header = ["allocator", "format", "whitening", "keep", "calib", *ppl_columns.values(), "gap closed",
               "zero-shot avg acc", "compress s", "allocate s", "peak GiB", "prefill ×dense", "decode ×dense",
@@ -182,11 +292,16 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
     if common:
         caveat = "" if common[1] is None else "; with a limit, accuracies are indicative, not comparable with full sets"
         notes.append(f"Zero-shot: mean `acc` over {len(common[0])} tasks ({', '.join(common[0])}), "
-                     f"{limit_text(common[1])}{caveat}. Rows over other tasks or limits say so.")
+                     f"{limit_text(common[1])}{caveat}, ± its standard error (lm-eval's per task, combined); "
+                     "`(≈ dense)`: within twice the combined standard error of the dense model's, no significant "
+                     "difference. Rows over other tasks or limits say so.")
+    notes.append(f"Zero-shot figures over fewer than {min_zeroshot_items} items per task are not shown: they cannot "
+                 "separate the methods.")
     if any("speed" in r for r in rows):
         notes.append("`prefill ×dense` / `decode ×dense`: the compressed model's tokens/s over the dense model's "
-                     "(512-token prompt, batch-1 decode), each measured in a fresh process; comparable only when "
-                     "both were measured on an idle machine (see the load average in the speed table).")
+                     "(512-token prompt, batch-1 decode), each measured in a fresh process: the median ratio over "
+                     "interleaved rounds with its range, or one measurement's ratio (cells measured before the "
+                     "rounds); a range that includes 1 is no measurable difference.")
     return render(header, body) + [line for note in notes for line in ("", note)]
 
 
@@ -280,11 +395,10 @@ def allocator_tables(dense: dict | None, cells: list[dict]) -> list[str]:
         for row in ([dense] if dense else []) + group:
             name = "dense" if row is dense else row["report"]["config"]["allocator"]
             closed = None if row is dense or name == "uniform" else gap_closed(row, cells, dense)
-            zeroshot = zeroshot_summary(row)
             allocate = None if row is dense else row["report"]["timings"].get("allocate")
             body.append([name, *(fmt(ppl(row, p), ".2f") for p in PPL_COLUMNS), fmt(closed, ".0%"),
-                         fmt(zeroshot[0] if zeroshot else None, ".4f"), fmt(allocate, ".1f"),
-                         *(fmt(row.get("speed_ratio", {}).get(k), ".2f") for k in ("prefill_speedup", "decode_speedup"))])
+                         accuracy_text(zeroshot_summary(row), zeroshot_summary(dense) if dense else None),
+                         fmt(allocate, ".1f"), *(speed_text(row, k) for k in ("prefill_speedup", "decode_speedup"))])
         headers = [f"{PPL_COLUMNS[p]}, {windows[p]} windows" if windows[p] else PPL_COLUMNS[p] for p in PPL_COLUMNS]
         factor_format, whitening, keep, dataset = cell_setting
         lines += [f"### Allocators at keep {keep:g}: {factor_format}, {whitening}, {dataset} calibration", "",
@@ -298,11 +412,14 @@ def detail_table(rows: list[dict], columns: dict[str, Callable[[dict], str]]) ->
 
 
 def zeroshot_table(rows: list[dict]) -> list[str]:
-    rows = [r for r in rows if r.get("zeroshot")]
+    rows = [r for r in rows if zeroshot_summary(r)]
     tasks = sorted({t for r in rows for t in r["zeroshot"]["tasks"]})
-    columns: dict[str, Callable[[dict], str]] = {
-        t: (lambda r, t=t: fmt(r["zeroshot"]["tasks"].get(t, {}).get("acc"), ".4f")) for t in tasks}
-    columns["avg acc"] = lambda r: fmt((zeroshot_summary(r) or (None,))[0], ".4f")
+    def task_text(row: dict, task: str) -> str:
+        metrics = row["zeroshot"]["tasks"].get(task, {})
+        return accuracy_text((metrics["acc"], metrics.get("acc_stderr"))) if "acc" in metrics else MISSING
+
+    columns: dict[str, Callable[[dict], str]] = {t: (lambda r, t=t: task_text(r, t)) for t in tasks}
+    columns["avg acc"] = lambda r: accuracy_text(zeroshot_summary(r))
     columns["items per task"] = lambda r: "all" if r["zeroshot"]["limit"] is None else str(r["zeroshot"]["limit"])
     columns["source"] = lambda r: r["zeroshot"]["source"]
     return detail_table(rows, columns) if rows else []
@@ -312,7 +429,7 @@ def speed_table(rows: list[dict]) -> list[str]:
     rows = [r for r in rows if r.get("speed")]
 
     def ratio(key: str) -> Callable[[dict], str]:
-        return lambda r: fmt(r.get("speed_ratio", {}).get(key), ".2f")
+        return lambda r: speed_text(r, key) if key in _RANGED else fmt(r.get("speed_ratio", {}).get(key), ".2f")
 
     def mib(key: str) -> Callable[[dict], str]:
         return lambda r: fmt(r["speed"][key] / 2**20 if r["speed"].get(key) is not None else None, ".1f")
@@ -326,10 +443,14 @@ def speed_table(rows: list[dict]) -> list[str]:
         "decode ×": ratio("decode_speedup"),
         "peak RSS ×": ratio("peak_rss_ratio"),
         "weights ×": ratio("weight_bytes_ratio"),
+        "rounds": lambda r: str(r.get("speed_ratio", {}).get("rounds", 1)) if "speed_ratio" in r else MISSING,
         "threads": lambda r: str(r["speed"].get("threads", MISSING)),
         "load avg before": lambda r: fmt(r["speed"].get("load_average_1min"), ".2f"),
     }
     return detail_table(rows, columns) if rows else []
+
+
+_RANGED = ("prefill_speedup", "decode_speedup")
 
 
 def compression_table(cells: list[dict]) -> list[str]:
@@ -349,7 +470,8 @@ def section(folder: Path, figures: Path) -> list[str]:
     cells.sort(key=sort_key)
     rows: list[dict[str, Any]] = ([dense] if dense else []) + cells
     model = rows[0]["model"] if rows else folder.name
-    lines = [f"## {model}", "", *summary_table(dense, cells), "", *allocator_tables(dense, cells),
+    lines = [f"## {model}", "", *headline_table(dense, cells), *summary_table(dense, cells), "",
+             *allocator_tables(dense, cells),
              *ablation_tables(cells), *closed_loop_tables(cells)]
     for title, table in (("Zero-shot accuracy per task", zeroshot_table(rows)),
                          ("Speed and memory", speed_table(rows)), ("Compression", compression_table(cells))):
@@ -376,13 +498,17 @@ def section(folder: Path, figures: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global min_zeroshot_items
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, nargs="+", default=[Path("benchmarks/results/smollm2")],
                         help="results folders of compress_matrix.py, one per model")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
     parser.add_argument("--title", default="SmolLM2-135M", help="page title; each results folder gets a section")
     parser.add_argument("--command", default="", help="the command that produced the cells, recorded in the page")
+    parser.add_argument("--min-zeroshot-items", type=int, default=DEFAULT_MIN_ZEROSHOT_ITEMS,
+                        help="zero-shot figures over fewer items per task are not shown")
     args = parser.parse_args(argv)
+    min_zeroshot_items = args.min_zeroshot_items
     lines = [f"# Results: {args.title}", "", "Produced by `benchmarks/compress_matrix.py`, tabulated by "
              "`benchmarks/make_results.py`; every figure is measured on the 2-core CPU machine. `compress s` includes "
              "calibration only for the first cell of a calibration set: later cells reuse its spectra (`--spectra-cache`). "

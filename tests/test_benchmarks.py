@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -52,19 +53,26 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     first = json.loads(cell_path.read_text())
     assert set(first["perplexity"]) == {"wikitext2:test:2", "c4:validation:2"} and "zeroshot" not in first
 
-    more = ["--dense", "--zeroshot", "--zeroshot-limit", "2", "--speed"]
+    more = ["--dense", "--zeroshot", "--zeroshot-limit", "2", "--speed", "--speed-rounds", "2"]
     matrix.main(common + more)  # no artifact to load the cell from: only the dense row is filled
     assert "it lacks zero-shot" in capsys.readouterr().out
     assert json.loads(cell_path.read_text()) == first
-    dense_speed = json.loads((results / "dense.json").read_text())["speed"]
 
+    one_task = ["--zeroshot", "--zeroshot-limit", "2", "--zeroshot-tasks", "arc_easy", "--artifacts", str(artifacts)]
+    matrix.main(common + one_task)  # zero-shot resumes by task: the other seven come next
     matrix.main(common + more + ["--artifacts", str(artifacts)])
-    assert "dense speed: reusing" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # each task once, for the cell (the dense row got them in the run before): arc_easy was not run again
+    assert out.count("zero-shot arc_easy:") == 1 and out.count("zero-shot winogrande:") == 1
     cell = json.loads(cell_path.read_text())
     assert cell["report"] == first["report"] and cell["compress_seconds"] == first["compress_seconds"]
     assert cell["zeroshot"]["limit"] == 2 and len(cell["zeroshot"]["tasks"]) == 8
-    assert cell["speed_dense"] == dense_speed == json.loads((results / "dense.json").read_text())["speed"]
-    assert cell["speed"]["prompt_tokens"] == 512 and cell["speed_ratio"]["decode_speedup"] > 0
+    assert cell["zeroshot"]["average_acc_stderr"] > 0
+    rounds = cell["speed_rounds"]  # interleaved: dense first, then the cell first
+    assert len(rounds) == 2 and list(rounds[0]) == ["dense", "compressed"] and list(rounds[1]) == ["compressed", "dense"]
+    decode = [r["compressed"]["decode_tokens_per_s"] / r["dense"]["decode_tokens_per_s"] for r in rounds]
+    assert cell["speed_ratio"]["decode_speedup_range"] == [min(decode), max(decode)]
+    assert cell["speed"]["prompt_tokens"] == 512 and cell["speed_ratio"]["rounds"] == 2
 
     quality = setting + ["--eval", "wikitext2:test:2"]
     matrix.main(quality + ["--allocators", "zerosum"])  # an ablation: the default and a tagged variant
@@ -72,14 +80,18 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
                            "--allocator-options", '{"zerosum": {"min_rank_ratio": 0.3}}'])
 
     out = tmp_path / "RESULTS.md"
-    results_script.main(["--results", str(results), "--out", str(out)])
+    results_script.main(["--results", str(results), "--out", str(out), "--min-zeroshot-items", "2"])
     page = out.read_text()
     rows = table_rows(page, "allocator")
     assert [row["allocator"] for row in rows] == ["dense", "uniform", "zerosum", "zerosum `-floor`"]
     wikitext, c4 = "WikiText-2 test ppl, 2 windows", "C4 ppl, 2 windows"
     for row in rows[:2]:
-        for column in (wikitext, c4, "zero-shot avg acc", "prefill ×dense", "decode ×dense", "measured keep"):
+        for column in (wikitext, c4, "measured keep"):
             assert math.isfinite(float(row[column])), (column, row)
+        accuracy, error = row["zero-shot avg acc"].split(" (")[0].split(" ± ")  # mean ± standard error
+        assert 0 <= float(accuracy) <= 1 and float(error) > 0
+    assert rows[0]["prefill ×dense"] == "1.00"
+    assert re.fullmatch(r"(\d+\.\d\d|no measurable difference) \(\d+\.\d\d–\d+\.\d\d\)", rows[1]["decode ×dense"])
     assert math.isfinite(float(rows[1]["compress s"])) and math.isfinite(float(rows[1]["allocate s"]))
     for row in rows[2:]:  # (uniform − ppl) / (uniform − dense) on the windows all three share
         uniform, dense, mine = (float(r[wikitext]) for r in (rows[1], rows[0], row))
@@ -98,6 +110,13 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     compression = table_rows(page, "cell", after="### Compression")
     assert len(compression) == 3 and all(0 < float(r["held at start GiB"]) <= float(r["peak GiB"]) for r in compression)
     assert (tmp_path / "figures" / "pareto-results-wikitext2-test-2.png").is_file()
+    headline = table_rows(page, "pipeline")  # dense and the best cell of keep 0.6 by WikiText-2
+    best = min(rows[1:], key=lambda row: float(row[wikitext]))
+    assert [r["pipeline"].split(" + ")[0] for r in headline] == ["dense", best["allocator"]]
+    assert headline[1]["command"].startswith("`rankcut compress --model ") and "--keep 0.6" in headline[1]["command"]
+
+    results_script.main(["--results", str(results), "--out", str(out)])  # 2 items per task: under the default 500
+    assert all(row["zero-shot avg acc"] == "—" for row in table_rows(out.read_text(), "allocator"))
 
 
 def test_matrix_recompresses_a_cell_whose_artifact_is_gone_only_if_it_gives_the_stored_plan(tiny_folder, tmp_path,

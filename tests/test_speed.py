@@ -109,3 +109,17 @@ def test_compare_speed_ratios():
     }
     compressed["peak_rss_bytes"] = None  # not measurable on that platform
     assert compare_speed(dense, compressed)["peak_rss_ratio"] is None
+
+
+def test_paired_ratios_report_the_median_its_range_and_whether_it_is_measurable():
+    from rankcut.evaluation.speed import paired_ratios
+
+    dense = [{"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 10.0}] * 3
+    compressed = [{"prefill_tokens_per_s": p, "decode_tokens_per_s": d} for p, d in ((120, 9.5), (130, 10.4), (125, 11))]
+    ratios = paired_ratios(dense, compressed)
+    assert ratios["rounds"] == 3
+    assert ratios["prefill_speedup"] == pytest.approx(1.25) and ratios["prefill_speedup_range"] == pytest.approx([1.2, 1.3])
+    assert ratios["prefill_speedup_measurable"]  # every round faster
+    assert ratios["decode_speedup"] == pytest.approx(1.04) and not ratios["decode_speedup_measurable"]  # 0.95-1.1
+    with pytest.raises(ConfigError):
+        paired_ratios(dense, compressed[:2])

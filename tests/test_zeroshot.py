@@ -371,6 +371,7 @@ def test_evaluate_zeroshot_summary(tiny_lm):
     assert set(wino) == {"acc", "acc_stderr", "n"}
     assert all(0.0 <= value <= 1.0 for value in (arc["acc"], arc["acc_norm"], wino["acc"]))
     assert result["average_acc"] == pytest.approx((arc["acc"] + wino["acc"]) / 2)
+    assert result["average_acc_stderr"] == pytest.approx((arc["acc_stderr"] ** 2 + wino["acc_stderr"] ** 2) ** 0.5 / 2)
 
 
 # ------------------------------------------------------------------ real model
@@ -386,3 +387,15 @@ def test_smollm2_is_above_chance_on_arc_easy_and_piqa(smollm2):
     result = evaluate_zeroshot(model, tokenizer, ["arc_easy", "piqa"], limit=50, source="local", data_dir=DATA)
     assert result["tasks"]["arc_easy"]["acc"] > 0.35
     assert result["tasks"]["piqa"]["acc"] > 0.55
+
+
+def test_task_average_and_its_standard_error():
+    from rankcut.evaluation.zeroshot import task_average
+
+    per_task = {"a": {"acc": 0.5, "acc_stderr": 0.03, "n": 100}, "b": {"acc": 0.7, "acc_stderr": 0.04, "n": 100},
+                "c": {"acc_norm": 0.1, "n": 5}}  # no acc: left out of the average
+    mean, stderr = task_average(per_task)
+    assert mean == pytest.approx(0.6) and stderr == pytest.approx(0.025)  # √(0.03² + 0.04²) / 2
+    del per_task["b"]["acc_stderr"]
+    assert task_average(per_task) == (pytest.approx(0.6), None)
+    assert task_average({}) == (None, None)

@@ -9,6 +9,10 @@ Peak memory is the peak resident set size (RSS) of the whole process during the 
 alive in the process (e.g. another model), so compare models measured in the same conditions, or
 use ``peak_rss_increase_bytes`` (the peak above the RSS just before the runs: activations, KV
 cache, temporaries).
+
+On a busy or small machine one measurement of each model says little: :func:`paired_ratios` takes
+interleaved rounds (dense, compressed, compressed, dense, …, each in a fresh process) and reports the
+median ratio with its range over the rounds; a range that includes 1 is no measurable difference.
 """
 
 from __future__ import annotations
@@ -151,3 +155,22 @@ def compare_speed(dense_result: dict[str, Any], compressed_result: dict[str, Any
         dense, compressed = dense_result.get(key), compressed_result.get(key)
         ratios[name] = compressed / dense if dense and compressed is not None else None
     return ratios
+
+
+_THROUGHPUTS = {"prefill_speedup": "prefill_tokens_per_s", "decode_speedup": "decode_tokens_per_s"}
+
+
+def paired_ratios(dense_runs: list[dict[str, Any]], compressed_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compressed / dense throughput per round (``dense_runs[i]`` measured beside ``compressed_runs[i]``):
+    for prefill and decode the median ratio, its ``[min, max]`` range over the rounds, and whether the
+    difference is measurable (the range excludes 1)."""
+    if not dense_runs or len(dense_runs) != len(compressed_runs):
+        raise ConfigError(f"need the same number (>= 1) of dense and compressed runs, got {len(dense_runs)} "
+                          f"and {len(compressed_runs)}")
+    result: dict[str, Any] = {"rounds": len(dense_runs)}
+    for name, key in _THROUGHPUTS.items():
+        ratios = [compressed[key] / dense[key] for dense, compressed in zip(dense_runs, compressed_runs)]
+        low, high = min(ratios), max(ratios)
+        result.update({name: statistics.median(ratios), f"{name}_range": [low, high],
+                       f"{name}_measurable": not low <= 1.0 <= high})
+    return result

@@ -68,6 +68,10 @@ def _ptb_split(data_dir: str | None) -> str:
         return "validation"
 
 
+def _with_error(value: float, stderr: float | None) -> str:
+    return f"{value:.4f}" if stderr is None else f"{value:.4f} ± {stderr:.4f}"
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     lines = []
     if results.get("perplexity"):
@@ -77,11 +81,13 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append("")
     if results.get("zeroshot"):
         zs = results["zeroshot"]
-        lines += ["| task | acc | acc_norm | n |", "|---|---|---|---|"]
+        lines += ["| task | acc ± stderr | acc_norm | n |", "|---|---|---|---|"]
         for task, r in zs["tasks"].items():
             norm = r.get("acc_norm")
-            lines.append(f"| {task} | {r['acc']:.4f} | {'' if norm is None else f'{norm:.4f}'} | {r['n']} |")
-        lines += [f"| average ({zs['averaged_metric']}) | {zs['average_acc']:.4f} | | |", ""]
+            lines.append(f"| {task} | {_with_error(r['acc'], r.get('acc_stderr'))} | "
+                         f"{'' if norm is None else f'{norm:.4f}'} | {r['n']} |")
+        lines += [f"| average ({zs['averaged_metric']}) | {_with_error(zs['average_acc'], zs.get('average_acc_stderr'))} "
+                  "| | |", ""]
     if results.get("speed"):
         lines += ["| quantity | value |", "|---|---|"]
         for key, value in results["speed"].items():

@@ -317,6 +317,20 @@ def _task_metrics(results: dict, n_samples: dict) -> dict[str, float | int]:
     return metrics
 
 
+def task_average(per_task: dict[str, dict[str, float | int]]) -> tuple[float | None, float | None]:
+    """The unweighted mean of ``acc`` over the tasks and its standard error ``√(Σ sᵢ²) / T`` (each
+    task's lm-eval standard error ``sᵢ``; the tasks' items are independent). None where no task has
+    ``acc`` (the error: where one lacks its standard error)."""
+    scored = [metrics for metrics in per_task.values() if AVERAGED_METRIC in metrics]
+    if not scored:
+        return None, None
+    mean = math.fsum(m[AVERAGED_METRIC] for m in scored) / len(scored)
+    errors = [m.get(f"{AVERAGED_METRIC}_stderr") for m in scored]
+    if any(e is None or not math.isfinite(e) for e in errors):
+        return mean, None
+    return mean, math.sqrt(math.fsum(e * e for e in errors)) / len(scored)
+
+
 def evaluate_zeroshot(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -334,10 +348,10 @@ def evaluate_zeroshot(
     otherwise; ``"hub"``/``"local"`` force one. ``limit`` keeps the first ``limit`` items per task.
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}},
-    "average_acc", "averaged_metric": "acc", "source", "limit", "lm_eval_version"}``; ``acc_norm`` is
-    absent for tasks the harness scores with ``acc`` only (WinoGrande, BoolQ). ``average_acc`` is the
-    unweighted mean of ``acc`` over the tasks (papers average acc, not acc_norm); hub tasks without
-    ``acc`` are left out of it.
+    "average_acc", "average_acc_stderr", "averaged_metric": "acc", "source", "limit", "lm_eval_version"}``;
+    ``acc_norm`` is absent for tasks the harness scores with ``acc`` only (WinoGrande, BoolQ).
+    ``average_acc`` is the unweighted mean of ``acc`` over the tasks (papers average acc, not
+    acc_norm), with its standard error (:func:`task_average`); hub tasks without ``acc`` are left out.
     """
     tasks = list(tasks)
     if not tasks:
@@ -350,10 +364,11 @@ def evaluate_zeroshot(
         raw = _run(model, tokenizer, tasks, None, limit, batch_size, seed)
 
     per_task = {task: _task_metrics(raw["results"][task], raw["n-samples"][task]) for task in tasks}
-    accuracies = [metrics[AVERAGED_METRIC] for metrics in per_task.values() if AVERAGED_METRIC in metrics]
+    average, stderr = task_average(per_task)
     return {
         "tasks": per_task,
-        "average_acc": math.fsum(accuracies) / len(accuracies) if accuracies else None,
+        "average_acc": average,
+        "average_acc_stderr": stderr,
         "averaged_metric": AVERAGED_METRIC,
         "source": chosen,
         "limit": limit,
