@@ -641,15 +641,30 @@ def _factorize_open_loop(model, weights, targets, spectra, plan, factor_format: 
         weights.offload([block])
 
 
+def _closed_loop_pass(kind: str, model, weights, targets, calibration, config, decomposer, plan,
+                      work: WorkDir | None, hand_over) -> tuple[BlockStream, BlockCheckpoints | None, Resumed]:
+    """The block stream of a closed-loop pass, its checkpoints in the work folder's ``kind`` subfolder,
+    and where an interrupted pass stopped: the blocks it had done are factorized again from their
+    checkpointed factors (and refined parameters) before the pass resumes at the next one."""
+    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights)
+    checkpoints = work.blocks(kind, len(stream.blocks)) if work is not None else None
+    state = _resume(checkpoints, stream.device, decomposer)
+
+    def restore(index: int) -> None:
+        with torch.no_grad():
+            for name, tensor in checkpoints.refined(index).items():
+                model.get_parameter(name).copy_(tensor)
+
+    _factorize_open_loop(model, weights, targets, state.spectra, plan, config.factor_format, hand_over,
+                         range(state.next_block), restore if checkpoints is not None else None)
+    return stream, checkpoints, state
+
+
 def _factorize_sequential(model, weights, targets, calibration, config, decomposer, plan, show_progress,
                           work: WorkDir | None, hand_over) -> None:
-    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights)
-    checkpoints = work.blocks("sequential", len(stream.blocks)) if work is not None else None
-    state = _resume(checkpoints, stream.device, decomposer)
+    stream, checkpoints, state = _closed_loop_pass("sequential", model, weights, targets, calibration, config,
+                                                   decomposer, plan, work, hand_over)
     by_name = {t.name: t for t in targets}
-    # blocks factorized before an interruption: their cut factors are in the checkpoints
-    _factorize_open_loop(model, weights, targets, state.spectra, plan, config.factor_format, hand_over,
-                         range(state.next_block))
 
     def factorize_block(run: BlockRun) -> None:
         block_spectra = decomposer.spectra(run)
@@ -675,18 +690,9 @@ def _factorize_compensating(model, weights, targets, calibration, config, decomp
     """Factorize every target by the compensating fit (:meth:`BlockStream.run_compensating`), group by
     group, then refine each block's factors when asked (:func:`refine_block`); each block's cut factors
     and refined parameters are checkpointed, so a rerun resumes at the first block not done."""
-    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights)
-    checkpoints = work.blocks("compensate", len(stream.blocks)) if work is not None else None
-    state = _resume(checkpoints, stream.device, decomposer)
+    stream, checkpoints, state = _closed_loop_pass("compensate", model, weights, targets, calibration, config,
+                                                   decomposer, plan, work, hand_over)
     by_name = {t.name: t for t in targets}
-
-    def restore(index: int) -> None:
-        with torch.no_grad():
-            for name, tensor in checkpoints.refined(index).items():
-                model.get_parameter(name).copy_(tensor)
-
-    _factorize_open_loop(model, weights, targets, state.spectra, plan, config.factor_format, hand_over,
-                         range(state.next_block), restore if checkpoints is not None else None)
     kept: dict[str, Spectrum] = {}
     refined: dict[str, torch.Tensor] = {}
 
