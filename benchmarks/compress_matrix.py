@@ -42,6 +42,7 @@ import itertools
 import json
 import math
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -239,22 +240,32 @@ def resume_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted
             print(f"skip {cell}: compressing again gave another rank plan than the one in {path}, so its stored "
                   f"figures would not describe the new model; delete {path} to start the cell afresh", flush=True)
             return
-        # overwrite: the folder may hold what an interrupted save left (no config.json)
-        rankcut.save(model, tokenizer, artifact, report, base_model=args.model, overwrite=True)
+        save_cell(model, tokenizer, report, cell, args)
         load = functools.cache(lambda: (model, tokenizer))
     add_evaluations(row, todo, load, artifact, args, lambda: write_json(path, row))
 
 
 def compress_cell(cell: str, config: rankcut.CompressionConfig,
                   args: argparse.Namespace) -> tuple[Any, Any, rankcut.CompressionReport, float]:
-    """Load the base model and compress it for ``cell``; returns (model, tokenizer, report, seconds)."""
+    """Load the base model and compress it for ``cell``; returns (model, tokenizer, report, seconds).
+    With ``--artifacts`` the compression checkpoints into ``ARTIFACTS/CELL.work`` (removed by
+    :func:`save_cell`), so a run killed mid-cell resumes there; ``seconds`` then counts this run's part."""
     model, tokenizer = rankcut.load_model(args.model)
     start = time.perf_counter()
+    work_dir = args.artifacts / f"{cell}.work" if args.artifacts else None
     model, report = rankcut.compress(model, config, tokenizer=tokenizer, output_dir=args.results / f"{cell}-files",
-                                     spectra_cache=args.spectra_cache)
+                                     spectra_cache=args.spectra_cache, work_dir=work_dir)
     seconds = time.perf_counter() - start
     print(f"    compressed in {seconds:.0f} s, {report.measured['target_params']:,} target params", flush=True)
     return model, tokenizer, report, seconds
+
+
+def save_cell(model, tokenizer, report: rankcut.CompressionReport, cell: str, args: argparse.Namespace) -> Path:
+    """Save the cell's artifact under ``--artifacts`` (overwriting what an interrupted save left, which has
+    no config.json) and remove its compression work folder."""
+    artifact = rankcut.save(model, tokenizer, args.artifacts / cell, report, base_model=args.model, overwrite=True)
+    shutil.rmtree(args.artifacts / f"{cell}.work", ignore_errors=True)
+    return artifact
 
 
 def new_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted: Evaluations, args: argparse.Namespace,
@@ -266,8 +277,7 @@ def new_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted: E
     with ExitStack() as stack:
         checkpoint, artifact = (lambda: None), None
         if args.artifacts:  # resumable from here on: later runs add evaluations from the artifact
-            artifact = rankcut.save(model, tokenizer, args.artifacts / cell, report, base_model=args.model,
-                                    overwrite=True)
+            artifact = save_cell(model, tokenizer, report, cell, args)
             checkpoint = lambda: write_json(path, row)
             checkpoint()
         elif wanted.speed:  # the speed probe loads the model in a fresh process

@@ -52,6 +52,7 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     matrix.main(common + ["--artifacts", str(artifacts)])
     first = json.loads(cell_path.read_text())
     assert set(first["perplexity"]) == {"wikitext2:test:2", "c4:validation:2"} and "zeroshot" not in first
+    assert not list(artifacts.glob("*.work"))  # the cell's compression work folder is gone once it is saved
 
     more = ["--dense", "--zeroshot", "--zeroshot-limit", "2", "--speed", "--speed-rounds", "2"]
     matrix.main(common + more)  # no artifact to load the cell from: only the dense row is filled
