@@ -172,6 +172,12 @@ def predict(cell: dict) -> tuple[int, int]:
     return estimate.host_bytes, estimate.device_bytes
 
 
+def option_text(cell: dict) -> str:
+    """The allocator options a cell ran with, as `` (steps=4)``; empty for the defaults."""
+    options = cell.get("allocator_options") or {}
+    return f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else ""
+
+
 def render(results: Path = RESULTS, page: Path = PAGE) -> None:
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
     cells = [c for c in records if "allocation" not in c]
@@ -194,7 +200,7 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
         device_peak = (f"{c['device_peak_bytes'] / GiB:.2f} ({c['predicted_device_bytes'] / GiB:.2f})"
                        if c.get("device_peak_bytes") else "—")
         lines.append(f"| {c['suite']} | {c.get('device', 'cpu')}, {c.get('dtype', 'float32')} | {c['blocks']} | "
-                     f"{c['allocator']} | {c['nsamples']} x {c['seqlen']} | {c['peak_rss_bytes'] / GiB:.2f} | "
+                     f"{c['allocator']}{option_text(c)} | {c['nsamples']} x {c['seqlen']} | {c['peak_rss_bytes'] / GiB:.2f} | "
                      f"{c['predicted_host_bytes'] / GiB:.2f} | {c['predicted_host_bytes'] / c['peak_rss_bytes']:.2f} | "
                      f"{device_peak} | {c['wall_seconds']:.0f} | {per_block} | {c.get('load_before', 0):.1f} |")
     lines += ["", "`load before`: the machine's 1-minute load average when the cell started (2 cores): above about "

@@ -64,10 +64,12 @@ $MATRIX ${COMPARE/--formats pivga/--formats plain} --allocators fermigrad dobi s
 # Adam steps per block: one and four passes over the 32 calibration batches). The open-loop cells are the
 # ones above; each closed-loop cell allocates on the same (cached) open-loop spectra.
 LOOP="--eval wikitext2:test:100 c4:validation:128 --formats pivga --calib wikitext2:validation --artifacts $ARTIFACTS"
-$MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 --closed-loops compensate
-$MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 --closed-loops compensate --refine-steps 32 128
-$MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate --refine-steps 0 32 128
-$MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 0.6 --closed-loops sequential
+$MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate sequential
+$MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --refine-steps 32 128
+$MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate sequential
+$MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --refine-steps 32 128
+$MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate sequential
+$MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate --refine-steps 32 128
 
 # The compression core's command as a user runs it, timed end to end in a fresh process (model load,
 # calibration, decomposition, save), then the artifact's perplexity on the first 100 test windows.
