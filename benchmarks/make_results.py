@@ -120,9 +120,12 @@ def tag(cell: dict) -> str:
 
 
 def closed_loop(cell: dict) -> tuple[str, int]:
-    """The cell's closed-loop mode and refinement steps (cells from before version 2 configs: a flag)."""
+    """The cell's closed-loop mode (``compensate 0.5`` for a blended compensating fit) and refinement steps
+    (cells from before version 2 configs: a flag)."""
     config = cell["report"]["config"]
     mode = config.get("closed_loop") or ("sequential" if config.get("sequential") else "none")
+    if config.get("compensation", 1.0) != 1.0:
+        mode += f" {config['compensation']:g}"
     return mode, config.get("refine_steps", 0)
 
 
@@ -181,7 +184,9 @@ def reproduce_command(cell: dict) -> str:
     parts += [f"-a {key}={value if isinstance(value, str) else json.dumps(value)}"
               for key, value in used.items() if key in defaults and defaults[key] != value]
     if mode != "none":
-        parts.append(f"--closed-loop {mode}")
+        parts.append(f"--closed-loop {config['closed_loop']}")
+    if config.get("compensation", 1.0) != 1.0:
+        parts.append(f"--compensation {config['compensation']:g}")
     if steps:
         parts.append(f"--refine-steps {steps} --refine-lr {config['refine_lr']:g}")
     return " ".join(parts)
@@ -347,7 +352,8 @@ def closed_loop_tables(cells: list[dict]) -> list[str]:
     for allocator, cell_setting in sorted({(c["report"]["config"]["allocator"], setting(c)) for c in looped}):
         open_loop = untagged_cell(cells, allocator, cell_setting)
         members = sorted((c for c in looped if c["report"]["config"]["allocator"] == allocator
-                          and setting(c) == cell_setting), key=lambda c: (order[closed_loop(c)[0]], closed_loop(c)[1]))
+                          and setting(c) == cell_setting),
+                         key=lambda c: (order[closed_loop(c)[0].split()[0]], closed_loop(c)))
         group = ([open_loop] if open_loop else []) + members
         windows = {p: set.intersection(*(set(perplexities(c, *p)) for c in group)) for p in PPL_COLUMNS}
         body = []

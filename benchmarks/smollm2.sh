@@ -60,11 +60,13 @@ $MATRIX ${COMPARE/--formats pivga/--formats plain} --allocators uniform energy a
 $MATRIX ${COMPARE/--formats pivga/--formats plain} --allocators fermigrad dobi strs --keeps 0.8 0.6
 
 # Closed-loop factorization (issue 19): for uniform and zerosum at both budgets, today's sequential
-# re-collection, the error-compensating fit, and the compensating fit with block refinement (32 and 128
-# Adam steps per block: one and four passes over the 32 calibration batches). The open-loop cells are the
-# ones above; each closed-loop cell allocates on the same (cached) open-loop spectra.
+# re-collection, the error-compensating fit (whole, and half of the upstream error: --compensations 0.5),
+# and the compensating fit with block refinement (32 and 128 Adam steps per block: one and four passes
+# over the 32 calibration batches). The open-loop cells are the ones above; each closed-loop cell
+# allocates on the same (cached) open-loop spectra.
 LOOP="--eval wikitext2:test:100 c4:validation:128 --formats pivga --calib wikitext2:validation --artifacts $ARTIFACTS"
 $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate sequential
+$MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --compensations 0.5
 $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --refine-steps 32 128
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate sequential
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --refine-steps 32 128

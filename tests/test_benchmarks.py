@@ -179,3 +179,29 @@ def test_scale_benchmark_runs_a_tiny_suite_and_renders_it(tmp_path, monkeypatch)
     assert rows[0]["allocator"] == "uniform" and rows[0]["blocks"] == "2"
     scale.check_equivalence("cpu")
     assert (BENCHMARKS / "gpu_check.sh").read_text().count("--check-cuda-equivalence") == 1
+
+
+def test_closed_loop_cells_get_their_own_table(tiny_folder, tmp_path):
+    matrix, results_script = script("compress_matrix"), script("make_results")
+    results = tmp_path / "results"
+    setting = ["--model", str(tiny_folder), "--keeps", "0.6", "--formats", "pivga", "--calib", "wikitext2:validation",
+               "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--results", str(results),
+               "--eval", "wikitext2:test:2"]
+    matrix.main(setting)
+    matrix.main(setting + ["--closed-loops", "sequential", "compensate", "--compensations", "1", "0.5",
+                           "--refine-steps", "0", "2"])
+    names = sorted(path.stem for path in results.glob("uniform-*.json"))
+    stem = "uniform-pivga-cholesky-keep0.6-wikitext2"
+    assert names == sorted([stem, f"{stem}-sequential", f"{stem}-compensate", f"{stem}-compensate0.5",
+                            f"{stem}-compensate-refine2", f"{stem}-compensate0.5-refine2"])
+    out = tmp_path / "RESULTS.md"
+    results_script.main(["--results", str(results), "--out", str(out)])
+    page = out.read_text()
+    rows = table_rows(page, "closed loop")
+    assert [row["closed loop"] for row in rows] == ["none", "sequential", "compensate", "compensate + refine 2",
+                                                    "compensate 0.5", "compensate 0.5 + refine 2"]
+    assert all(row["refined blocks kept"].endswith(" / 3") for row in rows if "refine" in row["closed loop"])  # 3 blocks
+    assert "### Ablation" not in page  # closed-loop cells are not ablations of the open-loop cell
+    cell = json.loads((results / f"{stem}-compensate0.5-refine2.json").read_text())
+    assert results_script.reproduce_command(cell).endswith("--closed-loop compensate --compensation 0.5 --refine-steps 2 "
+                                                           "--refine-lr 0.0001")

@@ -118,11 +118,13 @@ def test_compress_with_the_compensating_closed_loop_and_refinement(tiny_folder, 
     out = tmp_path / "compensated"
     result = run_cli("compress", "--model", str(tiny_folder), "--keep", "0.6", "--allocator", "uniform",
                      "--calib", "wikitext2", "--calib-split", "validation", "--nsamples", "8", "--seqlen", "64",
-                     "--closed-loop", "compensate", "--refine-steps", "3", "--out", str(out), "--data-dir", str(data_dir))
+                     "--closed-loop", "compensate", "--compensation", "0.5", "--refine-steps", "3", "--out", str(out),
+                     "--data-dir", str(data_dir))
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "rankcut_report.json").read_text())
     assert report["config"]["closed_loop"] == "compensate" and report["config"]["refine_steps"] == 3
-    assert all(d["fit"] == "compensating" and "refinement" in d
+    assert report["config"]["compensation"] == 0.5
+    assert all(d["fit"] == "compensating" and d["compensation"] == 0.5 and "refinement" in d
                for name, d in report["diagnostics"].items() if report["plan"]["ranks"][name] != "dense")
 
 
@@ -137,6 +139,7 @@ def test_compress_with_the_compensating_closed_loop_and_refinement(tiny_folder, 
     (["--closed-loop", "always"], "closed_loop must be one of"),
     (["--refine-steps", "5"], "refine_steps needs closed_loop 'compensate'"),
     (["--closed-loop", "compensate", "--refine-steps", "-2"], "refine_steps must be an integer >= 0"),
+    (["--closed-loop", "compensate", "--compensation", "1.2"], "compensation must be in [0, 1]"),
 ])
 def test_bad_compress_input_gets_a_clear_message(tiny_folder, tmp_path, data_dir, args, message):
     result = run_cli("compress", "--model", str(tiny_folder), "--out", str(tmp_path / "o"), "--calib", "wikitext2",

@@ -67,6 +67,34 @@ def test_it_beats_the_open_loop_fit_to_the_same_inputs_and_is_it_when_they_match
         torch.testing.assert_close(product[0], product[1], rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("compensation", [0.0, 0.3, 0.7])
+def test_a_blended_fit_is_the_optimum_of_its_blended_objective(compensation):
+    """With ``α`` the fit minimises ``α‖W X − W_k X̃‖² + (1 − α)‖W X̃ − W_k X̃‖²``: at every rank it is
+    no worse on that objective than the full compensating fit (α = 1) and the fit to X̃ alone (α = 0)."""
+    from rankcut.calibration import PairedStatistics
+
+    x, x_tilde = inputs(14, 250, seed=4)
+    weight = torch.randn(18, 14, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    tokens = x.shape[1]
+
+    def blended_fit(alpha: float):
+        statistics = PairedStatistics(["m"], x_tilde @ x_tilde.T / tokens, x_tilde.abs().mean(dim=1), tokens,
+                                      x @ x_tilde.T / tokens)
+        whitening = create_whitener("cholesky", {"damping": 0.0}).whiten(statistics)
+        return whitened_svd(weight, whitening, "m", storage_dtype=torch.float64, cross=statistics.blended_cross(alpha))
+
+    def objective(spectrum, rank: int) -> float:
+        product = torch.matmul(*spectrum.factors(rank, dtype=torch.float64)) @ x_tilde
+        return float(compensation * (weight @ x - product).square().sum()
+                     + (1 - compensation) * (weight @ x_tilde - product).square().sum())
+
+    mine, full, own = blended_fit(compensation), blended_fit(1.0), blended_fit(0.0)
+    for rank in (2, 6, 11):
+        assert objective(mine, rank) <= min(objective(full, rank), objective(own, rank)) * (1 + 1e-12)
+    reference = fit(weight, x, x_tilde, compensate=False)  # α = 0: the plain whitened fit on X̃
+    torch.testing.assert_close(own.sigma, reference.sigma, rtol=1e-10, atol=1e-12)
+
+
 def final_hidden(model, ids):
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[-1]
@@ -96,7 +124,10 @@ def test_the_first_group_sees_the_dense_inputs_so_it_gets_the_open_loop_factors(
 
 
 @pytest.mark.parametrize("settings, message", [({"closed_loop": "compensating"}, "closed_loop must be one of"),
-                                               ({"closed_loop": "compensate", "whitening": "none"}, "whitening")])
+                                               ({"closed_loop": "compensate", "whitening": "none"}, "whitening"),
+                                               ({"closed_loop": "compensate", "compensation": 1.5}, "in \\[0, 1\\]"),
+                                               ({"closed_loop": "compensate", "compensation": True}, "in \\[0, 1\\]"),
+                                               ({"closed_loop": "sequential", "compensation": 0.5}, "needs closed_loop")])
 def test_bad_closed_loop_settings_are_clear_errors(settings, message):
     with pytest.raises(ConfigError, match=message):
         CompressionConfig(**settings)

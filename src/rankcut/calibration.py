@@ -43,6 +43,15 @@ class PairedStatistics(InputStatistics):
 
     cross: torch.Tensor | None = None  # n x n float64
 
+    def blended_cross(self, compensation: float) -> torch.Tensor:
+        """``α X X̃ᵀ + (1 − α) X̃ X̃ᵀ`` (means; α = ``compensation``): with it the whitened truncated SVD
+        minimises ``α ‖W X − W_k X̃‖² + (1 − α) ‖W X̃ − W_k X̃‖²``, the two completing one square.
+        1 fits the dense outputs, compensating the upstream error; 0 fits the module's own weight on the
+        inputs it will see; in between, part of the upstream error is compensated."""
+        if compensation == 1.0:
+            return self.cross
+        return compensation * self.cross + (1.0 - compensation) * self.gram
+
 
 class _StopForward(Exception):
     pass

@@ -151,6 +151,9 @@ def compress(
     closed_loop: Annotated[str, typer.Option(
         help="none | sequential (refit each block to the compressed upstream's inputs) | compensate (fit each "
              "module's compressed-path output to the dense model's)")] = "none",
+    compensation: Annotated[float, typer.Option(
+        help="with --closed-loop compensate: the share of the upstream error each module compensates, in [0, 1] "
+             "(1: fit the dense outputs; 0: the module's own weight on the compressed inputs)")] = 1.0,
     refine_steps: Annotated[int, typer.Option(
         help="with --closed-loop compensate: Adam steps per block on its factors towards the dense block's "
              "outputs, one calibration batch (--batch-size windows) per step")] = 0,
@@ -195,7 +198,8 @@ def compress(
     config = CompressionConfig(
         keep_ratio=keep, allocator=allocator, allocator_options=_parse_options(allocator_option),
         whitening=whitening, whitening_options=_parse_options(whitening_option), factor_format=factor_format,
-        closed_loop=closed_loop, refine_steps=refine_steps, refine_lr=refine_lr, exclude=list(exclude),
+        closed_loop=closed_loop, compensation=compensation, refine_steps=refine_steps, refine_lr=refine_lr,
+        exclude=list(exclude),
         calibration=CalibrationConfig(calib, calib_split, nsamples, seqlen, seed, batch_size,
                                       str(data_dir) if data_dir else None),
     )

@@ -9,7 +9,9 @@ Phases (each timed in the report):
    the already-compressed blocks and fits each module to those inputs; ``compensate`` runs the dense and
    the compressed model side by side, input group by input group in the order the data flows, and fits
    each module's compressed-path output to the dense model's output (``whitened_svd`` with the
-   cross-Gram), so the error upstream is compensated rather than inherited.
+   cross-Gram), so the error upstream is compensated rather than inherited; ``compensation`` below 1
+   compensates only that share of it (the rest of the fit is to the module's own weight on the
+   compressed inputs, :meth:`PairedStatistics.blended_cross`).
 
 With a work folder (:mod:`rankcut.workdir`) each block's spectra and the activations entering the next
 block are checkpointed as the passes go, and the plan once allocated, so a rerun after an interruption
@@ -93,6 +95,7 @@ class CompressionConfig:
     # PivGa by default: the same budget buys more rank (SmolLM2 keep 0.8: perplexity 92.9 -> 53.9, benchmarks/)
     factor_format: Literal["plain", "pivga"] = "pivga"
     closed_loop: Literal["none", "sequential", "compensate"] = "none"
+    compensation: float = 1.0  # closed_loop "compensate": share of the upstream error each module compensates
     refine_steps: int = 0  # Adam steps per block on its factors after the compensating fit (0: none)
     refine_lr: float = 1e-4
     exclude: list[str] = field(default_factory=list)
@@ -114,6 +117,11 @@ class CompressionConfig:
         if self.closed_loop != "none" and self.whitening == "none":
             raise ConfigError(f"closed_loop {self.closed_loop!r} fits modules to calibration statistics; "
                               "it needs a whitening other than 'none'")
+        if isinstance(self.compensation, bool) or not isinstance(self.compensation, (int, float)) \
+                or not 0.0 <= self.compensation <= 1.0:
+            raise ConfigError(f"compensation must be in [0, 1], got {self.compensation!r}")
+        if self.compensation != 1.0 and self.closed_loop != "compensate":
+            raise ConfigError("compensation blends the compensating fit: it needs closed_loop 'compensate'")
         if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise ConfigError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
         if isinstance(self.refine_lr, bool) or not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
@@ -263,18 +271,21 @@ class _Decomposer:
         return out
 
 
-    def compensating(self, statistics: PairedStatistics) -> dict[str, Spectrum]:
-        """The compensating fit of one input group's modules (``whitened_svd`` with the cross-Gram)."""
+    def compensating(self, statistics: PairedStatistics, compensation: float = 1.0) -> dict[str, Spectrum]:
+        """The compensating fit of one input group's modules (``whitened_svd`` with the cross-Gram, blended
+        with the group's own Gram by ``compensation``: :meth:`PairedStatistics.blended_cross`)."""
         try:
             whitening = self.whitener.whiten(statistics)
         except FactorizationError as error:
             raise FactorizationError(f"{statistics.modules[0]}: {error}") from error
         out = {}
         for name in statistics.modules:
-            spectrum = whitened_svd(self.model.get_submodule(name).weight, whitening, name, cross=statistics.cross)
+            spectrum = whitened_svd(self.model.get_submodule(name).weight, whitening, name,
+                                    cross=statistics.blended_cross(compensation))
             out[name] = Spectrum(spectrum.u.contiguous(), spectrum.sigma, spectrum.b_full.contiguous())
             self.diagnostics[name] = {**whitening.diagnostics, "shared_input": statistics.modules,
-                                      "calibration_tokens": statistics.tokens, "fit": "compensating"}
+                                      "calibration_tokens": statistics.tokens, "fit": "compensating",
+                                      "compensation": compensation}
         return out
 
 
@@ -697,7 +708,7 @@ def _factorize_compensating(model, weights, targets, calibration, config, decomp
     refined: dict[str, torch.Tensor] = {}
 
     def factorize_group(_block: int, statistics: PairedStatistics) -> None:
-        group_spectra = decomposer.compensating(statistics)
+        group_spectra = decomposer.compensating(statistics, config.compensation)
         kept.update({name: _truncated(spectrum, plan.ranks[name]) for name, spectrum in group_spectra.items()
                      if plan.ranks[name] != DENSE})
         for name in list(group_spectra):
