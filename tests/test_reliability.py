@@ -100,9 +100,9 @@ def decompositions(monkeypatch):
         record(run.index)
         return original(self, run)
 
-    def compensating_group(self, statistics):  # one call per input group: 4 per block
+    def compensating_group(self, statistics, *args):  # one call per input group: 4 per block
         record(int(statistics.modules[0].split(".")[2]))
-        return compensating(self, statistics)
+        return compensating(self, statistics, *args)
 
     monkeypatch.setattr(compress_module._Decomposer, "spectra", spectra)
     monkeypatch.setattr(compress_module._Decomposer, "compensating", compensating_group)
