@@ -239,7 +239,8 @@ def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
                      "command"], body),
             "", "The best pipeline of a keep ratio has the lowest WikiText-2 test perplexity over the most windows any "
             "cell of that ratio was measured on (the full split, where one was); C4 over its windows; the rest of the "
-            "page holds every cell.", ""]
+            "page holds every cell. A command gives the row's settings to today's code: rows measured before a "
+            "method changed (the README's results section says which) need not come out the same.", ""]
 
 
 def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
