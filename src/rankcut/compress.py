@@ -680,7 +680,7 @@ def _factorize_sequential(model, weights, targets, calibration, config, decompos
     def factorize_block(run: BlockRun) -> None:
         block_spectra = decomposer.spectra(run)
         if checkpoints is not None:  # only what the plan uses: the factors at the planned rank
-            kept = {name: _truncated(spectrum, plan.ranks[name]) for name, spectrum in block_spectra.items()
+            kept = {name: spectrum.leading(plan.ranks[name]) for name, spectrum in block_spectra.items()
                     if plan.ranks[name] != DENSE}
             checkpoints.save_block(run.index, kept, {n: decomposer.diagnostics[n] for n in block_spectra})
         for name in list(block_spectra):
@@ -709,7 +709,7 @@ def _factorize_compensating(model, weights, targets, calibration, config, decomp
 
     def factorize_group(_block: int, statistics: PairedStatistics) -> None:
         group_spectra = decomposer.compensating(statistics, config.compensation)
-        kept.update({name: _truncated(spectrum, plan.ranks[name]) for name, spectrum in group_spectra.items()
+        kept.update({name: spectrum.leading(plan.ranks[name]) for name, spectrum in group_spectra.items()
                      if plan.ranks[name] != DENSE})
         for name in list(group_spectra):
             _replace(model, by_name[name], group_spectra, plan, config.factor_format)
@@ -740,11 +740,6 @@ def _factorize_compensating(model, weights, targets, calibration, config, decomp
             stream.run_compensating(factorize_group, block_done, refine=refine if config.refine_steps else None,
                                     progress=advance, start_block=state.next_block, hidden=state.hidden,
                                     on_outputs=checkpoints.save_activations if checkpoints is not None else None)
-
-
-def _truncated(spectrum: Spectrum, rank: int) -> Spectrum:
-    """The leading ``rank`` components: the same rank-``rank`` factors, bit for bit."""
-    return Spectrum(spectrum.u[:, :rank], spectrum.sigma[:rank], spectrum.b_full[:rank])
 
 
 def _measure(model, targets, budget, plan, dense_params, dense_bytes) -> dict[str, int | float]:

@@ -43,6 +43,10 @@ class Spectrum:
         b = root[:, None] * self.b_full[:rank].double()
         return a.to(dtype), b.to(dtype)
 
+    def leading(self, rank: int) -> "Spectrum":
+        """The first ``rank`` components: the same rank-``k`` factors for every ``k <= rank``, bit for bit."""
+        return Spectrum(self.u[:, :rank], self.sigma[:rank], self.b_full[:rank])
+
     def tail_energy(self) -> torch.Tensor:
         """``tail[k] = Σ_{i>k} σ_i²`` for k = 0..r: the whitened error left at rank k."""
         squares = self.sigma.double().square()

@@ -114,7 +114,7 @@ def gated_objective(stream: ModelStream, spectra: Mapping[str, Spectrum], loss: 
                     for name in by_block.get(index, []):
                         if name in gates:
                             gate = gates[name]
-                            layer = SpectralLinear(model.get_submodule(name), _leading(spectra[name], gate.numel()))
+                            layer = SpectralLinear(model.get_submodule(name), spectra[name].leading(gate.numel()))
                             layer.gate = gate.detach().to(layer.b_full.device).requires_grad_()
                             set_submodule(model, name, layer)
                             layers[name] = layer
@@ -135,11 +135,6 @@ def gate_surrogate(gates: Mapping[str, torch.Tensor], gradients: Mapping[str, to
     from (through their autograd graph) is the objective's, so it can stand in for the loss in backward."""
     terms = [(gates[name] * gradient.to(gates[name])).sum() for name, gradient in gradients.items()]
     return sum(terms) if terms else torch.zeros(())
-
-
-def _leading(spectrum: Spectrum, rank: int) -> Spectrum:
-    """The first ``rank`` components (the gated layers never need more than their gate's width)."""
-    return Spectrum(spectrum.u[:, :rank], spectrum.sigma[:rank], spectrum.b_full[:rank])
 
 
 def batches(calibration: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
