@@ -155,6 +155,17 @@ def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def _resident_blocks(model: nn.Module, weights: ResidentWeights) -> Iterator[tuple[int, nn.Module]]:
+    """Each decoder block in order, its weights onloaded while the caller works on it, offloaded after."""
+    prefix, blocks = find_decoder_blocks(model, with_linears=False)
+    for index, block in enumerate(blocks):
+        weights.onload([f"{prefix}.{index}"])
+        try:
+            yield index, block
+        finally:
+            weights.offload([f"{prefix}.{index}"])
+
+
 def _chunk_tokens(model: nn.Module) -> int:
     return max(1, LOGITS_BYTES // (4 * model.get_output_embeddings().out_features))
 
@@ -180,12 +191,10 @@ def weight_gradients(model: nn.Module, weights: ResidentWeights, targets: list[T
             store_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rankcut-sweep-")))
         store = ActivationStore(store_dir)
         hidden, block_kwargs = stream.capture()
-        for index, block in enumerate(blocks):
+        for index, block in _resident_blocks(model, weights):
             store.put_batches(index, hidden)
-            weights.onload([f"{prefix}.{index}"])
             with change(index, block):
                 hidden = stream.forward_block(block, hidden, block_kwargs[index])
-            weights.offload([f"{prefix}.{index}"])
             if progress is not None:
                 progress(1)
         hidden = [h.clone() for h in hidden]  # out of inference mode, into autograd
@@ -215,14 +224,9 @@ def final_hidden(model: nn.Module, weights: ResidentWeights, windows: torch.Tens
     """The last block's outputs on ``windows``, one tensor per batch, one block resident at a time: what
     :func:`head_loss` takes as a ``reference``."""
     stream = BlockStream(model, [], windows, batch_size, weights=weights)
-    prefix, blocks = find_decoder_blocks(model, with_linears=False)
     hidden, block_kwargs = stream.capture()
-    for index, block in enumerate(blocks):
-        weights.onload([f"{prefix}.{index}"])
-        try:
-            hidden = stream.forward_block(block, hidden, block_kwargs[index])
-        finally:
-            weights.offload([f"{prefix}.{index}"])
+    for index, block in _resident_blocks(model, weights):
+        hidden = stream.forward_block(block, hidden, block_kwargs[index])
     return [h.clone() for h in hidden]
 
 
@@ -242,24 +246,20 @@ def probe_losses(model: nn.Module, weights: ResidentWeights, windows: torch.Tens
         store = ActivationStore(store_dir)
         dense, block_kwargs = stream.capture()
         batches = range(len(dense))
-        for index, block in enumerate(blocks):
-            weights.onload([f"{prefix}.{index}"])
-            try:
-                kwargs = block_kwargs[index]
-                for origin, keys in started.items():
-                    states = store.take(origin, stream.device)
-                    store.put(origin, {f"{p}.{b}": out for p in range(len(keys)) for b, out in enumerate(
-                        stream.forward_block(block, [states[f"{p}.{b}"] for b in batches], kwargs))})
-                here: dict[str, torch.Tensor] = {}
-                for position, key in enumerate(probes(index, block)):
-                    outputs = stream.forward_block(block, dense, kwargs)
-                    here.update({f"{position}.{b}": out for b, out in enumerate(outputs)})
-                    started.setdefault(index, []).append(key)
-                if here:
-                    store.put(index, here)
-                dense = stream.forward_block(block, dense, kwargs)
-            finally:
-                weights.offload([f"{prefix}.{index}"])
+        for index, block in _resident_blocks(model, weights):
+            kwargs = block_kwargs[index]
+            for origin, keys in started.items():
+                states = store.take(origin, stream.device)
+                store.put(origin, {f"{p}.{b}": out for p in range(len(keys)) for b, out in enumerate(
+                    stream.forward_block(block, [states[f"{p}.{b}"] for b in batches], kwargs))})
+            here: dict[str, torch.Tensor] = {}
+            for position, key in enumerate(probes(index, block)):
+                outputs = stream.forward_block(block, dense, kwargs)
+                here.update({f"{position}.{b}": out for b, out in enumerate(outputs)})
+                started.setdefault(index, []).append(key)
+            if here:
+                store.put(index, here)
+            dense = stream.forward_block(block, dense, kwargs)
             if progress is not None:
                 progress(1)
         head = outer_modules(model, prefix)
