@@ -8,6 +8,7 @@ already recorded are skipped, so the script resumes; ``--render`` writes RESULTS
     python benchmarks/scale.py depth            # hidden 1024: 4 / 16 / 32 blocks
     python benchmarks/scale.py width            # the LLaMA-2-7B shape: 2 / 8 blocks
     python benchmarks/scale.py gpu              # the 7B shape on CUDA in bf16 (benchmarks/gpu_check.sh)
+    python benchmarks/scale.py distributed      # 2 processes of 1 thread (torchrun) against 1 of 2 threads
     python benchmarks/scale.py --render
 """
 
@@ -92,21 +93,25 @@ def write_checkpoint(folder: Path, shape: dict, blocks: int, seed: int = 0) -> N
 
 
 def run_cell(folder: Path, allocator: str, nsamples: int, seqlen: int, out: Path, device: str, dtype: str) -> dict:
-    """Compress ``folder`` in this (fresh) process and return what was measured."""
+    """Compress ``folder`` in this (fresh) process, one rank of several under torchrun, and return what
+    was measured (the peak is this rank's)."""
     import torch
 
     from rankcut._settings import resolve_dtype
 
     from rankcut import CalibrationConfig, CompressionConfig
     from rankcut.compress import compress_checkpoint
+    from rankcut.distributed import init_from_environment
     from rankcut.estimate import estimate_compression
     from rankcut.checkpoint import CheckpointSource
+
+    ranks = init_from_environment(torch.device(device))
 
     config = CompressionConfig(keep_ratio=0.8, allocator=allocator, allocator_options=ALLOCATOR_OPTIONS.get(allocator, {}),
                                calibration=CalibrationConfig("random", "-", nsamples, seqlen, batch_size=8))
     torch_dtype = resolve_dtype(dtype)
     source = CheckpointSource.open(folder)
-    estimate = estimate_compression(source.config, config, dtype=torch_dtype, device=device)
+    estimate = estimate_compression(source.config, config, dtype=torch_dtype, device=device, world_size=ranks.world_size)
     ids = torch.randint(0, source.config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     report = compress_checkpoint(folder, config, out, calibration=ids, show_progress=False, dtype=torch_dtype,
@@ -117,7 +122,8 @@ def run_cell(folder: Path, allocator: str, nsamples: int, seqlen: int, out: Path
     return {"peak_rss_bytes": peak, "predicted_host_bytes": estimate.host_bytes, "predicted_stages": estimate.stages,
             "predicted_device_bytes": estimate.device_bytes, "device_peak_bytes": report.memory["cuda_peak_bytes"],
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
-            "wall_seconds": wall, "timings": report.timings, "measured": report.measured}
+            "wall_seconds": wall, "timings": report.timings, "measured": report.measured,
+            "rank": ranks.rank, "world_size": ranks.world_size, "plan": report.plan.ranks}
 
 
 def measure(suite: str, threads: int, results: Path = RESULTS, only: list[str] | None = None,
@@ -135,22 +141,122 @@ def measure(suite: str, threads: int, results: Path = RESULTS, only: list[str] |
             write_checkpoint(folder, SHAPES[suite], blocks)
             for allocator in pending:
                 cell = results / f"{suite}-{blocks}-{allocator}.json"
-                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "RANKCUT_CACHE": str(Path(scratch) / "cache")}
-                command = [sys.executable, __file__, "--cell", str(folder), allocator, str(nsamples), str(seqlen),
-                           str(Path(scratch) / f"out-{allocator}"), device, dtype]
-                result = subprocess.run(command, env=env, capture_output=True, text=True)
-                if result.returncode:
-                    print(result.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"cell {cell.name} failed")
+                load = os.getloadavg()[0]
+                measured = compress_in_fresh_processes(folder, allocator, nsamples, seqlen, Path(scratch) / f"out-{allocator}",
+                                                       device, dtype, threads, 1, cell.name)
                 record = {"suite": suite, "blocks": blocks, "allocator": allocator, "shape": SHAPES[suite],
                           "allocator_options": ALLOCATOR_OPTIONS.get(allocator, {}),
                           "device_kind": device,
                           "nsamples": nsamples, "seqlen": seqlen, "threads": threads,
                           "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                          "load_before": os.getloadavg()[0], **json.loads(result.stdout.splitlines()[-1])}
+                          "load_before": load, **measured[0]}
                 cell.write_text(json.dumps(record, indent=2))
                 print(f"{cell.name}: peak {record['peak_rss_bytes'] / GiB:.2f} GiB "
                       f"(predicted {record['predicted_host_bytes'] / GiB:.2f}), {record['wall_seconds']:.0f} s")
+
+
+def compress_in_fresh_processes(folder: Path, allocator: str, nsamples: int, seqlen: int, out: Path, device: str,
+                                dtype: str, threads: int, processes: int, name: str, launch: bool = False) -> list[dict]:
+    """:func:`run_cell` in a fresh process, or in ``processes`` ranks launched as torchrun launches them
+    (``threads`` each; ``launch``: through torchrun even for one); every rank's record, rank 0 first."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "RANKCUT_CACHE": str(out.with_name(out.name + ".cache"))}
+    cell = [__file__, "--cell", str(folder), allocator, str(nsamples), str(seqlen), str(out), device, dtype]
+    launch = launch or processes > 1
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] if launch else []
+    result = subprocess.run([sys.executable, *launcher, *cell], env=env, capture_output=True, text=True)
+    if result.returncode:
+        print(result.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"cell {name} failed")
+    return [json.loads(out.with_name(f"{out.name}.rank{rank}.json").read_text()) for rank in range(processes)]
+
+
+DISTRIBUTED = {  # model -> (allocators, nsamples x seqlen): 1 process of 2 threads, then 2 ranks of 1 thread
+    "depth-4": (["uniform", "zerosum"], (32, 256)),
+    "smollm2-135m": (["uniform", "zerosum"], (256, 512)),
+}
+
+
+def measure_distributed(results: Path = RESULTS, only: list[str] | None = None) -> None:
+    """Wall time by phase, peak per rank and plan of one compression in 1 process of 2 threads and in 2
+    processes of 1 thread (torchrun, gloo), on the 1024-wide synthetic model (4 blocks) and SmolLM2."""
+    from rankcut.models import checkpoint_folder
+
+    results.mkdir(parents=True, exist_ok=True)
+    for model, (allocators, (nsamples, seqlen)) in DISTRIBUTED.items():
+        with tempfile.TemporaryDirectory(prefix="rankcut-distributed-") as scratch:
+            if model == "smollm2-135m":
+                folder = checkpoint_folder(model)
+            else:
+                folder = Path(scratch) / "model"
+                write_checkpoint(folder, SHAPES["depth"], 4)
+            for allocator in (a for a in allocators if only is None or a in only):
+                for processes, threads in ((1, 2), (2, 1)):
+                    cell = results / f"distributed-{model}-{allocator}-{processes}x{threads}.json"
+                    if cell.exists():
+                        continue
+                    load = os.getloadavg()[0]
+                    ranks = compress_in_fresh_processes(folder, allocator, nsamples, seqlen,
+                                                        Path(scratch) / f"out-{allocator}-{processes}", "cpu",
+                                                        "float32", threads, processes, cell.name)
+                    record = {"suite": "distributed", "model": model, "allocator": allocator, "processes": processes,
+                              "threads": threads, "nsamples": nsamples, "seqlen": seqlen, "load_before": load,
+                              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                              "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in ranks],
+                              "predicted_host_bytes": ranks[0]["predicted_host_bytes"],
+                              "wall_seconds": ranks[0]["wall_seconds"], "timings": ranks[0]["timings"],
+                              "plan": ranks[0]["plan"], "plans_agree": all(r["plan"] == ranks[0]["plan"] for r in ranks)}
+                    cell.write_text(json.dumps(record, indent=2))
+                    print(f"{cell.name}: {record['wall_seconds']:.0f} s, peaks "
+                          f"{[f'{b / GiB:.2f}' for b in record['peak_rss_bytes_per_rank']]} GiB")
+
+
+def distributed_table(records: list[dict]) -> list[str]:
+    """The distributed cells: each run beside the one-process run of the same model and allocator."""
+    if not records:
+        return []
+    lines = ["", "## Several processes (torchrun, gloo) against one", "",
+             "The same compression in 1 process of 2 threads and in 2 processes of 1 thread each "
+             "(`torchrun --nproc-per-node 2`, gloo), on this 2-core machine: calibration batches dealt to the "
+             "ranks, each input group's Grams summed and decomposed by one rank, the allocator data parallel. "
+             "Random calibration ids, keep 0.8, PivGa, float32.", "",
+             "| model | allocator | calibration | processes x threads | wall s | calibrate + decompose s | "
+             "allocate s | factorize s | peak GiB per rank | same plan as 1 process | load before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    alone = {(r["model"], r["allocator"]): r for r in records if r["processes"] == 1}
+    for r in sorted(records, key=lambda r: (r["model"], r["allocator"], r["processes"])):
+        t = r["timings"]
+        reference = alone.get((r["model"], r["allocator"]))
+        same = "—" if reference is None or r is reference else ("yes" if r["plan"] == reference["plan"] and r["plans_agree"] else "no")
+        lines.append(f"| {r['model']} | {r['allocator']} | {r['nsamples']} x {r['seqlen']} | {r['processes']} x {r['threads']} | "
+                     f"{r['wall_seconds']:.0f} | {t.get('calibrate + decompose', 0.0):.0f} | {t.get('allocate', 0.0):.0f} | "
+                     f"{t.get('factorize', 0.0):.0f} | {' / '.join(f'{b / GiB:.2f}' for b in r['peak_rss_bytes_per_rank'])} | "
+                     f"{same} | {r['load_before']:.1f} |")
+    return lines
+
+
+def check_launched(device: str) -> None:
+    """One compression of a tiny synthetic LLaMA run alone and as a world of one under torchrun (NCCL on
+    CUDA, gloo on CPU, every collective going through the backend): the same plan and artifact."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="rankcut-launched-") as scratch:
+        folder = Path(scratch) / "model"
+        write_checkpoint(folder, SHAPES["tiny"], 2)
+        runs = {}
+        for launch in (False, True):
+            out = Path(scratch) / f"out-{launch}"
+            runs[launch] = compress_in_fresh_processes(folder, "zerosum", 4, 32, out, device, "float32", 2, 1,
+                                                       f"launched={launch}", launch=launch)[0]
+            runs[launch]["tensors"] = {name: t for shard in sorted(out.glob("*.safetensors"))
+                                       for name, t in load_file(shard).items()}
+        alone, launched = runs[False], runs[True]
+        if alone["plan"] != launched["plan"]:
+            raise SystemExit(f"torchrun on {device}: the plan differs from one process's")
+        if alone["tensors"].keys() != launched["tensors"].keys() or not all(
+                (alone["tensors"][k] == launched["tensors"][k]).all() for k in alone["tensors"]):
+            raise SystemExit(f"torchrun on {device}: the artifact differs from one process's")
+        print(f"torchrun (world of one, {'NCCL' if device == 'cuda' else 'gloo'}) on {device}: same plan and "
+              f"artifact as one process ({len(alone['tensors'])} tensors)")
 
 
 def predict(cell: dict) -> tuple[int, int]:
@@ -180,6 +286,8 @@ def option_text(cell: dict) -> str:
 
 def render(results: Path = RESULTS, page: Path = PAGE) -> None:
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    distributed = [c for c in records if c.get("suite") == "distributed"]
+    records = [c for c in records if c.get("suite") != "distributed"]
     cells = [c for c in records if "allocation" not in c]
     before = [c for c in records if "allocation" in c]  # recorded when the allocator loaded the whole model
     for cell in cells:
@@ -224,6 +332,7 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
             lines.append(f"| {c['suite']} | {c['blocks']} | {c['allocator']} | {c['peak_rss_bytes'] / GiB:.2f} | "
                          f"{c['wall_seconds']:.0f} | {c['timings'].get('allocate', 0.0):.0f} |")
     lines += extrapolation(cells)
+    lines += distributed_table(distributed)
     lines += ["", "## Predictions for real models", "",
               "The estimator's figures (`rankcut compress --dry-run`) at 256 x 512 calibration tokens, keep 0.8: CPU "
               "in float32, one GPU in bfloat16 (host / device).", "",
@@ -313,12 +422,16 @@ def main() -> None:
     if sys.argv[1:2] == ["--check-cuda-equivalence"]:
         check_equivalence("cuda")
         return
+    if sys.argv[1:2] == ["--check-nccl"]:
+        check_launched("cuda")
+        return
     if sys.argv[1:2] == ["--cell"]:
         folder, allocator, nsamples, seqlen, out, device, dtype = sys.argv[2:9]
-        print(json.dumps(run_cell(Path(folder), allocator, int(nsamples), int(seqlen), Path(out), device, dtype)))
+        record = run_cell(Path(folder), allocator, int(nsamples), int(seqlen), Path(out), device, dtype)
+        Path(out).with_name(f"{Path(out).name}.rank{record['rank']}.json").write_text(json.dumps(record))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suites", nargs="*", help=f"any of {sorted(PLANS)}")
+    parser.add_argument("suites", nargs="*", help=f"any of {sorted([*PLANS, 'distributed'])}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--render", action="store_true")
     parser.add_argument("--allocators", nargs="+", help="only these allocators of the suites")
@@ -326,10 +439,13 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of cell records")
     parser.add_argument("--page", type=Path, default=PAGE)
     args = parser.parse_args()
-    if unknown := sorted(set(args.suites) - set(PLANS)):
-        parser.error(f"unknown suite(s) {unknown}; choose from {sorted(PLANS)}")
+    if unknown := sorted(set(args.suites) - {*PLANS, "distributed"}):
+        parser.error(f"unknown suite(s) {unknown}; choose from {sorted([*PLANS, 'distributed'])}")
     for suite in args.suites:
-        measure(suite, args.threads, args.results, args.allocators, args.blocks)
+        if suite == "distributed":
+            measure_distributed(args.results, args.allocators)
+        else:
+            measure(suite, args.threads, args.results, args.allocators, args.blocks)
     if args.render:
         render(args.results, args.page)
 

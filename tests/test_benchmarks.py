@@ -168,7 +168,7 @@ def test_time_cli_records_a_user_run(tiny_folder, tmp_path, capsys):
 def test_scale_benchmark_runs_a_tiny_suite_and_renders_it(tmp_path, monkeypatch):
     """benchmarks/scale.py end to end at a tiny shape on CPU: a synthetic checkpoint written shard by
     shard, a fresh process per cell, the peak read from the kernel, the estimator beside it, the page;
-    and the equivalence check that benchmarks/gpu_check.sh runs on CUDA, here on the CPU."""
+    and the equivalence checks that benchmarks/gpu_check.sh runs on CUDA, here on the CPU."""
     scale = script("scale")
     scale.measure("tiny", threads=1, results=tmp_path / "cells")
     cell = json.loads((tmp_path / "cells" / "tiny-2-uniform.json").read_text())
@@ -178,7 +178,9 @@ def test_scale_benchmark_runs_a_tiny_suite_and_renders_it(tmp_path, monkeypatch)
     rows = table_rows((tmp_path / "page.md").read_text(), "suite")
     assert rows[0]["allocator"] == "uniform" and rows[0]["blocks"] == "2"
     scale.check_equivalence("cpu")
-    assert (BENCHMARKS / "gpu_check.sh").read_text().count("--check-cuda-equivalence") == 1
+    scale.check_launched("cpu")  # the NCCL check of gpu_check.sh, with gloo
+    gpu_check = (BENCHMARKS / "gpu_check.sh").read_text()
+    assert gpu_check.count("--check-cuda-equivalence") == 1 and gpu_check.count("--check-nccl") == 1
 
 
 def test_closed_loop_cells_get_their_own_table(tiny_folder, tmp_path):

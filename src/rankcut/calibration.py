@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import ResidentWeights
+from .distributed import Ranks
 from .errors import RankcutError
 from .targets import TargetModule, find_decoder_blocks, set_submodule
 
@@ -91,7 +92,8 @@ class BlockRun:
     index: int
     block: nn.Module
     targets: list[TargetModule]
-    statistics: dict[str, InputStatistics] = field(default_factory=dict)  # module name -> shared stats
+    statistics: dict[str, InputStatistics] = field(default_factory=dict)  # module name -> shared stats (owned)
+    owners: dict[str, int] = field(default_factory=dict)  # module name -> the rank holding its statistics
 
 
 class BlockStream:
@@ -102,12 +104,15 @@ class BlockStream:
     run."""
 
     def __init__(self, model: nn.Module, targets: list[TargetModule], calibration: torch.Tensor, batch_size: int = 8,
-                 *, weights: ResidentWeights | None = None):
+                 *, weights: ResidentWeights | None = None, ranks: Ranks | None = None):
         self.model, self.targets = model, targets
         self.prefix, self.blocks = find_decoder_blocks(model)
         self.weights = weights or ResidentWeights(model)
         self.device = self.weights.device
-        self.batches = list(calibration.split(batch_size))
+        self.ranks = ranks or Ranks()
+        every = list(calibration.split(batch_size))
+        self.batch_count = len(every)
+        self.batches = [every[b] for b in self.ranks.batch_indices(self.batch_count)]  # this rank's share
 
     def block_name(self, index: int) -> str:
         return f"{self.prefix}.{index}"
@@ -292,32 +297,59 @@ class BlockStream:
         return [block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
 
     def _run_block(self, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], run: BlockRun) -> list[torch.Tensor]:
+        """Run this rank's batches through ``block`` and sum each input group's statistics at its owner
+        rank (:meth:`Ranks.assign`). The ranks step through the batches together: at step ``s`` rank
+        ``r`` runs batch ``s·N + r``, and the owner adds the gathered per-batch sums in batch order, so
+        every Gram is the same, bit for bit, for any number of ranks."""
         modules = {t.name: self.model.get_submodule(t.name) for t in run.targets}
         seen: dict[str, torch.Tensor] = {}
         handles = [
             module.register_forward_hook(lambda _m, inputs, _o, name=name: seen.__setitem__(name, inputs[0]))
             for name, module in modules.items()
         ]
+        ranks = self.ranks
+        groups: list[tuple[str, ...]] | None = None
+        widths: dict[tuple[str, ...], int] = {}
         accumulators: dict[tuple[str, ...], list] = {}
         outputs = []
         try:
-            for h, kw in zip(hidden, kwargs):
-                seen.clear()
-                outputs.append(block_output(block(h, **kw)))
-                for group, tensor in _group_by_identity(seen):
-                    _accumulate(accumulators.setdefault(group, [None, None, 0]), tensor)
+            for step in range(-(-self.batch_count // ranks.world_size)):
+                found: dict[tuple[str, ...], torch.Tensor] = {}
+                if step < len(hidden):
+                    seen.clear()
+                    outputs.append(block_output(block(hidden[step], **kwargs[step])))
+                    found = dict(_group_by_identity(seen))
+                    if groups is None:
+                        groups = list(found)
+                        self._check_ran(modules, groups)
+                        widths = {group: tensor.shape[-1] for group, tensor in found.items()}
+                        run.owners.update(ranks.assign(groups, {t.name: t.shape for t in run.targets}))
+                for group in groups:  # one group's partial sums at a time, as they are gathered and added
+                    width = widths[group]
+                    gram, abs_sum, tokens = _batch_partial(found[group]) if group in found else (
+                        torch.zeros(width, width, device=self.device), torch.zeros(width, device=self.device), 0)
+                    what, owner = f"summing the calibration statistics of block {run.index}", run.owners[group[0]]
+                    grams = ranks.gather(gram, owner, what)
+                    abs_sums = ranks.gather(abs_sum, owner, what)
+                    counts = ranks.gather(torch.tensor([tokens], device=self.device), owner, what)
+                    for parts in zip(grams or [], abs_sums or [], counts or []):
+                        if int(parts[2]):  # a rank without a batch at this step sent nothing to add
+                            _add(accumulators.setdefault(group, [None, None, 0]), *parts)
         finally:
             for handle in handles:
                 handle.remove()
             seen.clear()
-        missing = set(modules) - {name for group in accumulators for name in group}
-        if missing:
-            raise RankcutError(f"target modules never ran during calibration: {sorted(missing)[:5]}")
         for group, (gram, abs_sum, tokens) in accumulators.items():
             stats = InputStatistics(list(group), _symmetric(gram) / tokens, abs_sum / tokens, tokens)
             for name in group:
                 run.statistics[name] = stats
         return outputs
+
+    @staticmethod
+    def _check_ran(modules: Mapping[str, nn.Module], groups: list[tuple[str, ...]]) -> None:
+        missing = set(modules) - {name for group in groups for name in group}
+        if missing:
+            raise RankcutError(f"target modules never ran during calibration: {sorted(missing)[:5]}")
 
 
 def _group_by_identity(seen: dict[str, torch.Tensor]) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
@@ -351,19 +383,29 @@ def _symmetric(upper: torch.Tensor) -> torch.Tensor:
     return upper.triu() + upper.triu(1).T
 
 
-def _accumulate(slot: list, tensor: torch.Tensor) -> None:
-    """Add a batch's ``Σ x xᵀ`` (float32 partial sum, float64 total) and ``Σ |x|`` to ``slot``."""
+def _batch_partial(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One batch's ``Σ x xᵀ`` (upper triangle) and ``Σ |x|`` in float32 (what a rank sends to the
+    group's owner), and its token count."""
     x = tensor.detach().reshape(-1, tensor.shape[-1]).float()
     gram = _gram_upper(x)  # summed as triangles, made symmetric once the block is done
     # Each diagonal entry is a sum of squares: NaN or Inf in any activation shows there, at O(n) cost.
     if not torch.isfinite(gram.diagonal()).all():
         raise RankcutError("calibration activations contain NaN or Inf (or overflow float32); "
                            "check the model weights and dtype")
-    gram = gram.double().cpu()
-    abs_sum = x.abs().sum(dim=0).double().cpu()
+    return gram, x.abs().sum(dim=0), x.shape[0]
+
+
+def _add(slot: list, gram: torch.Tensor, abs_sum: torch.Tensor, tokens: torch.Tensor | int) -> None:
+    """Add one batch's partial sums (:func:`_batch_partial`) to ``slot``'s float64 totals."""
+    gram, abs_sum = gram.double().cpu(), abs_sum.double().cpu()
     if slot[0] is None:
         slot[0], slot[1] = gram, abs_sum
     else:
         slot[0] += gram
         slot[1] += abs_sum
-    slot[2] += x.shape[0]
+    slot[2] += int(tokens)
+
+
+def _accumulate(slot: list, tensor: torch.Tensor) -> None:
+    """Add one batch's statistics of ``tensor`` to ``slot`` (one process: the compensating pass)."""
+    _add(slot, *_batch_partial(tensor))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Callable, Optional, ParamSpec
 
@@ -179,7 +180,8 @@ def compress(
 
     The model streams from its checkpoint one decoder block at a time, and the artifact is written block
     by block. Interrupted runs resume: rerun the same command and it continues from the checkpoints in
-    the work folder.
+    the work folder. Under ``torchrun --nproc-per-node N -m rankcut compress ...`` the N processes share
+    the work (calibration data parallel, decompositions sharded); rank 0 writes the artifact.
     """
     import shutil
 
@@ -187,6 +189,7 @@ def compress(
     from .artifacts import check_output_folder
     from .checkpoint import CheckpointSource
     from .compress import CalibrationConfig, CompressionConfig, compress_checkpoint
+    from .distributed import init_from_environment
     from .estimate import estimate_compression, parse_memory
     from .models import available_device, checkpoint_folder
 
@@ -207,10 +210,13 @@ def compress(
     limit = parse_memory(max_memory) if max_memory is not None else None
     folder = checkpoint_folder(model)
     if dry_run:
-        estimate = estimate_compression(CheckpointSource.open(folder).config, config, dtype=torch_dtype, device=target)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: per process
+        estimate = estimate_compression(CheckpointSource.open(folder).config, config, dtype=torch_dtype, device=target,
+                                        world_size=world_size)
         out.print(_table(f"predicted for rankcut compress {model} ({config.allocator}, {target})", estimate.rows()))
         return
-    if (work / "run.json").is_file():
+    ranks = init_from_environment(target)  # joins torchrun's process group, if launched by it
+    if ranks.leader and ((work / "run.json").is_file() or any(work.glob("rank-*/run.json"))):
         console.print(f"resuming from the checkpoints in {work}", soft_wrap=True)
     try:
         report = compress_checkpoint(folder, config, out_dir, base_model=model, dtype=torch_dtype, device=target,
@@ -219,6 +225,8 @@ def compress(
     except KeyboardInterrupt:
         console.print(f"interrupted; rerun the same command to resume from the checkpoints in {work}", soft_wrap=True)
         raise typer.Exit(130) from None
+    if not ranks.leader:
+        return  # rank 0 reports and removes the work folders (every rank is done with its own)
     path = out_dir
     if keep_work:
         console.print(f"work folder kept: {work}", soft_wrap=True)

@@ -37,16 +37,17 @@ from torch import nn
 
 from ._settings import cache_dir
 from .allocation import AllocationContext, create_allocator
-from .artifacts import ArtifactWriter
+from .artifacts import ArtifactWriter, check_output_folder
 from .calibration import BlockRun, BlockStream, InputStatistics, PairedStatistics
 from .checkpoint import CheckpointSource, ResidentWeights, outer_modules, tensor_names
 from .data import load_text, sample_calibration
-from .decomposition import Spectrum, whitened_svd
+from .decomposition import RemoteSpectrum, Spectrum, whitened_svd
+from .distributed import Ranks
 from .errors import ConfigError, FactorizationError
 from .estimate import GiB, MemoryEstimate, available_memory, estimate_compression
 from .evaluation.perplexity import model_context_length
 from .evaluation.speed import weight_bytes
-from .layers import LowRankLinear, PivGaLinear
+from .layers import LowRankLinear, PivGaLinear, build_layer, describe_layer
 from .memory import peak_rss
 from .models import load_tokenizer
 from .plan import DENSE, FACTOR_FORMATS, Budget, RankPlan
@@ -56,7 +57,7 @@ from .registry import PluginConfig
 from .sweep import ModelStream
 from .targets import TargetModule, find_decoder_blocks, find_targets, set_submodule
 from .whitening import Whitening, create_whitener
-from .workdir import BlockCheckpoints, Resumed, WorkDir, run_record
+from .workdir import BlockCheckpoints, Resumed, WorkDir, record_differences, run_record
 
 CONFIG_VERSION = 2  # 2: closed_loop replaces the sequential flag (version 1 configs still read)
 CLOSED_LOOPS = ("none", "sequential", "compensate")
@@ -245,17 +246,62 @@ def _phase(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 class _Decomposer:
-    """Whitens each shared input once and decomposes every module that reads it."""
+    """Whitens each shared input once and decomposes every module that reads it. With several processes
+    (``ranks``) each input group is decomposed by the rank that owns its statistics (``owners``), which
+    shares what the others need: singular values, factors or factorized layers, and diagnostics."""
 
-    def __init__(self, model: nn.Module, whitening: str, options: Mapping[str, Any]) -> None:
+    def __init__(self, model: nn.Module, whitening: str, options: Mapping[str, Any], ranks: Ranks | None = None) -> None:
         self.model = model
         self.whitener = create_whitener(whitening, options)
         self.diagnostics: dict[str, dict[str, Any]] = {}
+        self.ranks = ranks or Ranks()
+        self.owners: dict[str, int] = {}  # module -> the rank holding its factors (absent: every rank)
+
+    def owns(self, name: str) -> bool:
+        return self.owners.get(name, self.ranks.rank) == self.ranks.rank
+
+    def share(self, names: list[str], spectra: Mapping[str, Spectrum], full: bool) -> dict[str, Spectrum]:
+        """Every rank's view of these modules' spectra: its own, and the others' singular values (with
+        ``full``, their factors too: allocators that run the model gate every module), and diagnostics."""
+        if not self.ranks.distributed:
+            return dict(spectra)
+        out = {}
+        for name in names:
+            owner, what = self.owners[name], f"sharing the spectrum of {name}"
+            mine = spectra.get(name)
+            parts = None if mine is None else {"sigma": mine.sigma, **({"u": mine.u, "b_full": mine.b_full} if full else {})}
+            got = self.ranks.broadcast_tensors(parts, owner, what)
+            out[name] = mine if mine is not None else (Spectrum(got["u"], got["sigma"], got["b_full"]) if full
+                                                       else RemoteSpectrum(got["sigma"], owner))
+        self.share_diagnostics(names)
+        return out
+
+    def share_diagnostics(self, names: list[str]) -> None:
+        for name in names:
+            if self.ranks.distributed and name in self.owners:
+                self.diagnostics[name] = self.ranks.broadcast_object(
+                    self.diagnostics.get(name), self.owners[name], f"sharing the diagnostics of {name}")
+
+    def share_layers(self, names: list[str], plan: RankPlan) -> None:
+        """The factorized layers of ``names`` from their owners into every rank's model."""
+        for name in names:
+            if not self.ranks.distributed or name not in self.owners or plan.ranks[name] == DENSE:
+                continue
+            owner, what = self.owners[name], f"sharing the factors of {name}"
+            layer = self.model.get_submodule(name)
+            description = self.ranks.broadcast_object(describe_layer(layer), owner, what)
+            tensors = self.ranks.broadcast_tensors(layer.state_dict() if self.owns(name) else None, owner, what,
+                                                   device=next(layer.parameters()).device)
+            if not self.owns(name):
+                built = build_layer(description, layer.in_features, layer.out_features, layer.bias is not None,
+                                    dtype=layer.weight.dtype, device=layer.weight.device)
+                built.load_state_dict(tensors)
+                set_submodule(self.model, name, built)
 
     def spectra(self, run: BlockRun) -> dict[str, Spectrum]:
         cache: dict[int, Whitening] = {}
         out = {}
-        for target in run.targets:
+        for target in (t for t in run.targets if t.name in run.statistics):  # the input groups this rank owns
             statistics: InputStatistics = run.statistics[target.name]
             whitening = cache.get(id(statistics))
             if whitening is None:
@@ -367,6 +413,7 @@ def compress_checkpoint(
     the memory available now) is refused with :class:`ConfigError`.
     """
     config = _as_config(config)
+    check_output_folder(Path(out_dir), overwrite)  # on every rank: none starts work another refuses
     source = CheckpointSource.open(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     model = source.skeleton()
     find_targets(model, config.exclude)  # a model with nothing to compress fails here
@@ -375,18 +422,24 @@ def compress_checkpoint(
         raise ConfigError(f"{folder} holds no tokenizer (tokenizer.json or tokenizer_config.json), which sampling "
                           "calibration text needs")
     _check_seqlen(model, config.calibration.seqlen if calibration is None else calibration.shape[1])
-    _check_memory(estimate_compression(source.config, config, dtype=dtype, device=source.device), max_memory)
-    with (ArtifactWriter(out_dir, len(find_decoder_blocks(model)[1]) + 1, overwrite=overwrite) as writer,
-          contextlib.ExitStack() as stack):
+    _check_memory(estimate_compression(source.config, config, dtype=dtype, device=source.device,
+                                       world_size=Ranks.current().world_size), max_memory)
+    leader = Ranks.current().leader  # with several processes, rank 0 writes the artifact
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(ArtifactWriter(out_dir, len(find_decoder_blocks(model)[1]) + 1,
+                                                    overwrite=overwrite)) if leader else None
         if work_dir is None:  # the spectra live on disk in any case: a temporary folder beside the output
-            work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=".rankcut-work-", dir=writer.staging.parent))
+            Path(out_dir).resolve().parent.mkdir(parents=True, exist_ok=True)
+            work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=".rankcut-work-",
+                                                                       dir=Path(out_dir).resolve().parent))
         report = _measured(config, lambda: _conduct(
             model, source.stream(model), config, tokenizer=tokenizer, calibration=calibration,
-            show_progress=show_progress, output_dir=Path(out_dir).parent, work_dir=work_dir,
+            show_progress=show_progress, output_dir=Path(out_dir).parent if leader else None, work_dir=work_dir,
             spectra_cache=spectra_cache, writer=writer))
-        writer.finish(model, tokenizer, plan=report.plan.to_dict(), settings={**report.config, "base_model": base_model},
-                      diagnostics=report.diagnostics, measured=report.measured,
-                      extra_files=report.files(base_model))
+        if writer is not None:
+            writer.finish(model, tokenizer, plan=report.plan.to_dict(),
+                          settings={**report.config, "base_model": base_model}, diagnostics=report.diagnostics,
+                          measured=report.measured, extra_files=report.files(base_model))
     return report
 
 
@@ -441,10 +494,15 @@ def _conduct(
     and whitening diagnostics."""
     timings: dict[str, float] = {}
     model.eval()
+    ranks = Ranks.current()
+    if ranks.world_size > 1 and config.closed_loop == "compensate":
+        raise ConfigError("closed_loop 'compensate' runs in one process for now; run it without torchrun, or "
+                          "use closed_loop 'none' or 'sequential' across processes")
+    show_progress = show_progress and ranks.leader
     targets = find_targets(model, config.exclude)
     budget = Budget({t.name: t.shape for t in targets}, config.keep_ratio, config.factor_format)
     allocator = create_allocator(config.allocator, config.allocator_options)
-    decomposer = _Decomposer(model, config.whitening, config.whitening_options)
+    decomposer = _Decomposer(model, config.whitening, config.whitening_options, ranks)
     dense_params, dense_bytes = sum(p.numel() for p in model.parameters()), weight_bytes(model)
     needs_data = _needs_calibration(config)
 
@@ -459,11 +517,17 @@ def _conduct(
                 calibration = sample_calibration(tokenizer, corpus, config.calibration.nsamples,
                                                  config.calibration.seqlen, config.calibration.seed)
         _check_calibration(model, calibration)
+    if ranks.distributed:
+        ranks.check_same(run_record(_settings_record(config), model, weights, targets,
+                                    calibration if needs_data else None), "the run (settings, model, data)",
+                          record_differences)
 
-    with _work_dir(work_dir, config, model, weights, targets, calibration if needs_data else None) as work:
+    with _work_dir(work_dir, config, model, weights, targets, calibration if needs_data else None, ranks) as work:
         plan = work.load_plan() if work is not None else None
         if plan is not None and dict(plan.shapes) != dict(budget.shapes):
             raise ConfigError(f"the rank plan in {work.path} does not match this model; delete the work folder")
+        if ranks.all_min(int(plan is not None), "agreeing whether the plan is made") == 0:
+            plan = None  # a rank stopped before saving it: every rank allocates again
         spectra: dict[str, Spectrum] = {}
         closed_loop = config.closed_loop != "none"
         # the closed loop decomposes again anyway: spectra only if the allocator needs them
@@ -471,20 +535,27 @@ def _conduct(
             with _phase(timings, "calibrate + decompose"):
                 checkpoints = _spectra_checkpoints(work, spectra_cache, config, model, weights, targets, calibration)
                 curves = _collect_spectra(model, weights, targets, calibration, config, decomposer, spectra,
-                                          show_progress, checkpoints)
+                                          show_progress, checkpoints, full=allocator.needs_model)
             if output_dir is not None and curves:
                 _plot_whitening(curves, targets, Path(output_dir))
 
         if plan is None:
             with _phase(timings, "allocate"):
-                stream = ModelStream(model, targets, weights, work.path / "sweep" if work is not None else None)
+                stream = ModelStream(model, targets, weights, work.path / "sweep" if work is not None else None,
+                                     ranks=ranks)
+                # Across processes, allocators keep no caches or checkpoints of their own: the ranks could
+                # find different ones and part ways. Every rank allocates (the model-running allocators
+                # data parallel, through the stream); rank 0's plan is the one all use.
                 context = AllocationContext(
                     budget, targets, spectra, calibration=calibration,
                     seed=config.calibration.seed, show_progress=show_progress,
-                    output_dir=Path(output_dir) if output_dir else None, cache_dir=cache_dir() / "allocators",
-                    work_dir=work.allocator_dir if work is not None else None,
+                    output_dir=Path(output_dir) if output_dir else None,
+                    cache_dir=None if ranks.distributed else cache_dir() / "allocators",
+                    work_dir=work.allocator_dir if work is not None and not ranks.distributed else None,
                     stream=stream if allocator.needs_model else None)
                 plan = allocator.allocate(context)
+                if ranks.distributed:
+                    plan = RankPlan.from_dict(ranks.broadcast_object(plan.to_dict(), 0, "sharing the rank plan"))
             if work is not None:
                 work.save_plan(plan)
 
@@ -495,13 +566,14 @@ def _conduct(
                 factorize = _factorize_sequential if config.closed_loop == "sequential" else _factorize_compensating
                 factorize(model, weights, targets, calibration, config, decomposer, plan, show_progress, work, hand_over)
             else:
-                _factorize_open_loop(model, weights, targets, spectra, plan, config.factor_format, hand_over)
+                _factorize_open_loop(model, weights, targets, spectra, plan, config.factor_format, hand_over, decomposer)
             if writer is not None:
                 outer = outer_modules(model, find_decoder_blocks(model, with_linears=False)[0])
                 weights.onload(outer)
                 writer.write(model, [name for module in outer for name in tensor_names(model, module)])
                 weights.offload(outer)
 
+    ranks.barrier("finishing")  # every rank is done with its work folder
     measured = _measure(model, targets, budget, plan, dense_params, dense_bytes)
     return plan, timings, measured, decomposer.diagnostics
 
@@ -511,16 +583,25 @@ def _needs_calibration(config: CompressionConfig) -> bool:
     return config.whitening != "none" or create_allocator(config.allocator, config.allocator_options).needs_model
 
 
+def _settings_record(config: CompressionConfig) -> dict[str, Any]:
+    """The settings that make two runs the same: all but where the calibration data was read from (the
+    ids, hashed, are recorded)."""
+    settings = config.to_dict()
+    settings["calibration"].pop("data_dir")
+    return settings
+
+
 @contextmanager
 def _work_dir(path: str | Path | None, config: CompressionConfig, model: nn.Module, weights: ResidentWeights,
-              targets: list[TargetModule], calibration: torch.Tensor | None) -> Iterator[WorkDir | None]:
-    """The run's work folder (None without ``path``), locked while the run uses it."""
+              targets: list[TargetModule], calibration: torch.Tensor | None, ranks: Ranks) -> Iterator[WorkDir | None]:
+    """The run's work folder (None without ``path``), locked while the run uses it; with several
+    processes, each rank's own ``rank-R-of-N`` subfolder."""
     if path is None:
         yield None
         return
-    settings = config.to_dict()
-    settings["calibration"].pop("data_dir")  # where the data was read from does not matter; the ids (hashed) do
-    with WorkDir.open(path, run_record(settings, model, weights, targets, calibration)) as work:
+    if ranks.distributed:
+        path = Path(path) / f"rank-{ranks.rank}-of-{ranks.world_size}"
+    with WorkDir.open(path, run_record(_settings_record(config), model, weights, targets, calibration)) as work:
         yield work
 
 
@@ -544,8 +625,10 @@ def _check_calibration(model: nn.Module, ids: torch.Tensor) -> None:
 def _resume(checkpoints: BlockCheckpoints | None, device: torch.device, decomposer: _Decomposer) -> Resumed:
     if checkpoints is None:
         return Resumed()
-    state = checkpoints.resume(device)
+    ranks = decomposer.ranks
+    state = checkpoints.resume(device, agree=lambda reached: ranks.all_min(reached, "agreeing where to resume"))
     decomposer.diagnostics.update(state.diagnostics)
+    decomposer.owners.update(state.owners)
     return state
 
 
@@ -558,6 +641,10 @@ def _spectra_checkpoints(work: WorkDir | None, spectra_cache: str | Path | None,
     if spectra_cache is not None and calibration is not None:
         depends_on = {"whitening": config.whitening, "whitening_options": config.whitening_options,
                       "batch_size": config.calibration.batch_size, "exclude": config.exclude}
+        ranks = Ranks.current()
+        if ranks.distributed:  # each rank keeps its own modules' spectra (and, for some allocators, the rest)
+            depends_on["ranks"] = [ranks.rank, ranks.world_size, create_allocator(
+                config.allocator, config.allocator_options).needs_model]
         record = run_record(depends_on, model, weights, targets, calibration)
         key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
         Path(spectra_cache).mkdir(parents=True, exist_ok=True)
@@ -569,9 +656,11 @@ Curves = dict[str, tuple[list[float], list[float]]]
 
 
 def _collect_spectra(model, weights, targets, calibration, config, decomposer, spectra, show_progress,
-                     checkpoints: BlockCheckpoints | None) -> Curves:
+                     checkpoints: BlockCheckpoints | None, full: bool) -> Curves:
     """Fill ``spectra`` (with checkpoints: singular values in memory, factors on disk) and return the
-    middle block's singular values before and after whitening, for the plot (empty if not computed)."""
+    middle block's singular values before and after whitening, for the plot (empty if not computed).
+    With several processes each rank decomposes the groups it owns and receives the others' singular
+    values, and with ``full`` their factors too."""
     prefix, blocks = find_decoder_blocks(model)
     middle = targets[len(targets) // 2].block
     curves: Curves = {}
@@ -586,20 +675,24 @@ def _collect_spectra(model, weights, targets, calibration, config, decomposer, s
                 decomposer.diagnostics[target.name] = dict(identity.diagnostics)
             weights.offload([f"{prefix}.{index}"])
         return curves
-    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights)
+    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights,
+                         ranks=decomposer.ranks)
     state = _resume(checkpoints, stream.device, decomposer)
     spectra.update(state.spectra)
 
     def decompose_block(run: BlockRun) -> None:
-        block_spectra = decomposer.spectra(run)
-        if run.index == middle:
+        decomposer.owners.update(run.owners)
+        names = [t.name for t in run.targets]
+        block_spectra = decomposer.share(names, decomposer.spectra(run), full)
+        if run.index == middle and decomposer.ranks.leader:
             curves.update({name.split(f".{middle}.", 1)[-1]: (
                 torch.linalg.svdvals(model.get_submodule(name).weight.detach().double().cpu()).tolist(),
                 spectrum.sigma.tolist()) for name, spectrum in block_spectra.items()})
         if checkpoints is None:
             spectra.update(block_spectra)
             return
-        checkpoints.save_block(run.index, block_spectra, {n: decomposer.diagnostics[n] for n in block_spectra})
+        checkpoints.save_block(run.index, block_spectra, {n: decomposer.diagnostics[n] for n in block_spectra},
+                               owners=run.owners)
         spectra.update(checkpoints.stored(run.index)[0])  # the factors stay on disk
 
     with progress_bar("calibrate + decompose blocks", total=len(stream.blocks), enabled=show_progress) as advance:
@@ -635,16 +728,21 @@ def _replace(model: nn.Module, target: TargetModule, spectra: dict[str, Spectrum
 
 
 def _factorize_open_loop(model, weights, targets, spectra, plan, factor_format: str, hand_over,
-                         blocks: range | None = None, restore=None) -> None:
+                         decomposer: _Decomposer, blocks: range | None = None, restore=None) -> None:
     """Replace the targets of ``blocks`` (all by default) by their factors at the planned rank, one block
     resident at a time, each handed over once done (after ``restore(index)``, which may put back what a
-    resumed pass had trained)."""
+    resumed pass had trained). Each module is factorized by the rank holding its factors and shared."""
     prefix, decoder_blocks = find_decoder_blocks(model, with_linears=False)
     for index in blocks if blocks is not None else range(len(decoder_blocks)):
         block = f"{prefix}.{index}"
         weights.onload([block])
-        for target in (t for t in targets if t.block == index):
-            _replace(model, target, spectra, plan, factor_format)
+        block_targets = [t for t in targets if t.block == index]
+        for target in block_targets:
+            if decomposer.owns(target.name):
+                _replace(model, target, spectra, plan, factor_format)
+            else:
+                spectra.pop(target.name, None)
+        decomposer.share_layers([t.name for t in block_targets], plan)
         if restore is not None:
             restore(index)
         if hand_over is not None:
@@ -657,7 +755,8 @@ def _closed_loop_pass(kind: str, model, weights, targets, calibration, config, d
     """The block stream of a closed-loop pass, its checkpoints in the work folder's ``kind`` subfolder,
     and where an interrupted pass stopped: the blocks it had done are factorized again from their
     checkpointed factors (and refined parameters) before the pass resumes at the next one."""
-    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights)
+    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights,
+                         ranks=decomposer.ranks)
     checkpoints = work.blocks(kind, len(stream.blocks)) if work is not None else None
     state = _resume(checkpoints, stream.device, decomposer)
 
@@ -666,7 +765,7 @@ def _closed_loop_pass(kind: str, model, weights, targets, calibration, config, d
             for name, tensor in checkpoints.refined(index).items():
                 model.get_parameter(name).copy_(tensor)
 
-    _factorize_open_loop(model, weights, targets, state.spectra, plan, config.factor_format, hand_over,
+    _factorize_open_loop(model, weights, targets, state.spectra, plan, config.factor_format, hand_over, decomposer,
                          range(state.next_block), restore if checkpoints is not None else None)
     return stream, checkpoints, state
 
@@ -678,13 +777,17 @@ def _factorize_sequential(model, weights, targets, calibration, config, decompos
     by_name = {t.name: t for t in targets}
 
     def factorize_block(run: BlockRun) -> None:
-        block_spectra = decomposer.spectra(run)
+        decomposer.owners.update(run.owners)
+        names = [t.name for t in run.targets]
+        block_spectra = decomposer.spectra(run)  # the groups this rank owns
+        decomposer.share_diagnostics(names)
         if checkpoints is not None:  # only what the plan uses: the factors at the planned rank
             kept = {name: spectrum.leading(plan.ranks[name]) for name, spectrum in block_spectra.items()
                     if plan.ranks[name] != DENSE}
-            checkpoints.save_block(run.index, kept, {n: decomposer.diagnostics[n] for n in block_spectra})
+            checkpoints.save_block(run.index, kept, {n: decomposer.diagnostics[n] for n in names}, owners=run.owners)
         for name in list(block_spectra):
             _replace(model, by_name[name], block_spectra, plan, config.factor_format)
+        decomposer.share_layers(names, plan)
         if hand_over is not None:
             hand_over(stream.block_name(run.index))
 

@@ -70,3 +70,17 @@ def whitened_svd(weight: torch.Tensor, whitening: Whitening, name: str, storage_
     if not (torch.isfinite(u).all() and torch.isfinite(sigma).all() and torch.isfinite(b_full).all()):
         raise FactorizationError(f"{name}: whitened SVD produced NaN/Inf (whitening {whitening.diagnostics})")
     return Spectrum(u.to(storage_dtype), sigma, b_full.to(storage_dtype))
+
+
+class RemoteSpectrum(Spectrum):
+    """A module's spectrum in a run of several processes whose factors another rank (``owner``) holds:
+    its singular values, all that allocation by spectra needs, and where the rest is."""
+
+    def __init__(self, sigma: torch.Tensor, owner: int) -> None:  # noqa: D107 (no dataclass init)
+        self.sigma, self.owner = sigma, owner
+
+    def _elsewhere(self) -> torch.Tensor:
+        raise FactorizationError(f"this module's factors live on rank {self.owner}, not in this process")
+
+    u = property(_elsewhere)  # type: ignore[assignment]
+    b_full = property(_elsewhere)  # type: ignore[assignment]

@@ -17,9 +17,10 @@ largest stage:
   dense and compressed, and one input group's cross-Gram).
 
 On CUDA the blocks, activations and allocator work are on the device; Grams and decompositions stay on
-the host. Disk: the spectra (``U`` and ``Bfull`` in float32), one block's activations, what an
+the host. Disk: the spectra (``U`` and ``Bfull`` in float32), two blocks' activations, what an
 allocator leaves on disk (every block's saved inputs; strs: every probe's activations), and the
-artifact.
+artifact. Across ``world_size`` processes each holds its share of the calibration batches, and the
+owner of an input group receives one float32 batch sum from every process at a time.
 The per-token activation factors were measured on the synthetic LLaMA checkpoints of
 ``benchmarks/scale.py``; ``benchmarks/RESULTS-scale.md`` compares predictions with measured peaks.
 """
@@ -90,9 +91,10 @@ class MemoryEstimate:
 
 
 def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.float32,
-                         device: torch.device | str = "cpu") -> MemoryEstimate:
+                         device: torch.device | str = "cpu", world_size: int = 1) -> MemoryEstimate:
     """Predicted peak host and device memory and disk of ``compress_checkpoint`` for ``config`` (a
-    :class:`CompressionConfig`) on a model of ``model_config`` (a transformers config)."""
+    :class:`CompressionConfig`) on a model of ``model_config`` (a transformers config), per process
+    when ``world_size`` processes share the run (each holds its share of the calibration batches)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -116,15 +118,17 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
     intermediate = getattr(text, "intermediate_size", 4 * hidden)
     heads = getattr(text, "num_attention_heads", 1)
     calibration = config.calibration
-    tokens = calibration.nsamples * calibration.seqlen
+    batches = -(-calibration.nsamples // calibration.batch_size)
+    tokens = min(calibration.nsamples, -(-batches // world_size) * calibration.batch_size) * calibration.seqlen
     batch_tokens = min(calibration.batch_size, calibration.nsamples) * calibration.seqlen
 
-    # Grams of one block: a float64 total per shared input, and one float32 batch sum. Which modules
+    # Grams of one block: a float64 total per shared input, and the float32 batch sums of one input
+    # (one per process, gathered at its owner). Which modules
     # share an input shows only in a forward pass; modules of one parent (attention, MLP) with the same
     # input width stand for one input (q/k/v, gate/up; o_proj joins q/k/v, one Gram too few).
     first = [t for t in targets if t.block == targets[0].block]
     inputs = {(t.name.rsplit(".", 2)[0], t.in_features) for t in first}
-    grams = sum(8 * width ** 2 for _, width in inputs) + 4 * max(width for _, width in inputs) ** 2
+    grams = sum(8 * width ** 2 for _, width in inputs) + 4 * world_size * max(width for _, width in inputs) ** 2
     # float64: the weight and its whitened copy, U, Vᵀ and Bfull, the damped Gram and its Cholesky
     # factor; the largest over the targets
     svd = max(8 * (2 * t.out_features * t.in_features + t.out_features * min(t.shape)
@@ -185,7 +189,7 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
     return MemoryEstimate(
         host_bytes=RUNTIME_BYTES + max(host_stages.values()),
         device_bytes=max(device_stages.values()) if on_device else 0,
-        disk_bytes=spectra_disk + tokens * hidden * size + sweep + artifact,
+        disk_bytes=spectra_disk + 2 * tokens * hidden * size + sweep + artifact,  # the last two blocks' inputs
         stages=device_stages if on_device else host_stages,
         terms={k: v for k, v in shown[peak].items() if v},
     )

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from .calibration import BlockStream, block_output
 from .checkpoint import ResidentWeights, outer_modules, tensor_names
+from .distributed import Ranks
 from .targets import TargetModule, find_decoder_blocks
 
 LOGITS_BYTES = 256 * 2**20  # float32 logits of one chunk of tokens; the chunk's length follows from the vocabulary
@@ -323,16 +324,23 @@ def _backward_block(model: nn.Module, weights: ResidentWeights, name: str, block
 class ModelStream:
     """The dense model as allocators may run it: block by block, from wherever its weights live (a model
     in memory, or a skeleton streamed from its checkpoint). ``store_dir`` holds the saved block inputs
-    (None: a temporary folder)."""
+    (None: a temporary folder).
+
+    With several processes (``ranks``) every call is data parallel: each rank runs its contiguous share
+    of the windows it is given, and the losses and gradients it returns are those of all the windows
+    (each rank's weighted by its share of them, summed over the ranks), the same on every rank."""
 
     model: nn.Module
     targets: list[TargetModule]
     weights: ResidentWeights | None = None
     store_dir: Path | None = None
+    ranks: Ranks | None = None
 
     def __post_init__(self) -> None:
         if self.weights is None:
             self.weights = ResidentWeights(self.model)
+        if self.ranks is None:
+            self.ranks = Ranks()
 
     @property
     def blocks(self) -> int:
@@ -346,21 +354,46 @@ class ModelStream:
     def device(self) -> torch.device:
         return self.weights.device
 
+    def _share(self, windows: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This rank's windows and their share of all (every window has as many predicted tokens)."""
+        share = self.ranks.window_share(windows.shape[0])
+        mine = windows[share]
+        return mine, mine.shape[0] / windows.shape[0]
+
+    def _summed(self, values: torch.Tensor, weight: float, what: str) -> torch.Tensor:
+        """``weight · values`` summed over the ranks (``values`` itself when alone)."""
+        if not self.ranks.distributed:
+            return values
+        return self.ranks.all_reduce(values * weight, what)
+
     def weight_gradients(self, windows: torch.Tensor, batch_size: int, on_block: BlockGradients,
                          change: BlockChange | None = None, progress: Callable[..., None] | None = None, *,
                          weights_too: bool = True, reference: list[torch.Tensor] | None = None) -> float:
         """:func:`weight_gradients` of this model (its targets' weights unless not ``weights_too``: then
-        only of the leaves ``change`` yields); ``progress`` advances twice per block."""
-        return weight_gradients(self.model, self.weights, self.targets if weights_too else [], windows, batch_size,
-                                on_block, store_dir=self.store_dir, change=change, progress=progress,
+        only of the leaves ``change`` yields); ``progress`` advances twice per block. ``reference``
+        comes from :meth:`final_hidden` on the same windows (this rank's share of them)."""
+        mine, weight = self._share(windows)
+
+        def summed(index: int, gradients: dict[str, torch.Tensor]) -> None:
+            on_block(index, {key: self._summed(g, weight, f"summing the gradients of block {index}")
+                             for key, g in gradients.items()})
+
+        loss = weight_gradients(self.model, self.weights, self.targets if weights_too else [], mine, batch_size,
+                                summed, store_dir=self.store_dir, change=change, progress=progress,
                                 reference=reference)
+        return float(self._summed(torch.tensor([loss], dtype=torch.float64), weight, "summing the loss"))
 
     def final_hidden(self, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-        """:func:`final_hidden` of this model (the dense model's, for a KL reference)."""
-        return final_hidden(self.model, self.weights, windows, batch_size)
+        """:func:`final_hidden` of this model on this rank's share of ``windows`` (the dense model's,
+        for a KL reference)."""
+        return final_hidden(self.model, self.weights, self._share(windows)[0], batch_size)
 
     def probe_losses(self, windows: torch.Tensor, batch_size: int, probes: Probes,
                      progress: Callable[..., None] | None = None) -> tuple[float, dict[Hashable, float]]:
         """:func:`probe_losses` on this model."""
-        return probe_losses(self.model, self.weights, windows, batch_size, probes, store_dir=self.store_dir,
-                            progress=progress)
+        mine, weight = self._share(windows)
+        dense, losses = probe_losses(self.model, self.weights, mine, batch_size, probes, store_dir=self.store_dir,
+                                     progress=progress)
+        values = self._summed(torch.tensor([dense, *losses.values()], dtype=torch.float64), weight,
+                              "summing the probe losses").tolist()
+        return values[0], dict(zip(losses, values[1:]))

@@ -6,8 +6,10 @@ A work folder holds::
     lock                            flock-ed while a process uses the folder
     spectra/block-NNNN.safetensors  open-loop pass: u, sigma, b_full per module of block N, and the
                                     block's whitening diagnostics (JSON, in the file's metadata)
-    spectra/activations.safetensors the inputs of the next block to run and its index (metadata);
-                                    no tensors once every block is done
+    spectra/activations-P.safetensors the inputs of the next block to run and its index (metadata; P
+                                    its parity: the state one block back stays, so the ranks of a
+                                    distributed run can resume at the block they all reached); no
+                                    tensors once every block is done
     plan.json                       the rank plan, once allocated
     sequential/..., compensate/...  the closed-loop factorize pass, laid out like spectra/ (factors
                                     cut to the planned ranks; compensate's activations hold the dense
@@ -39,7 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import ResidentWeights
-from .decomposition import Spectrum
+from .decomposition import RemoteSpectrum, Spectrum
 from .errors import ConfigError, RankcutError
 from .plan import RankPlan
 from .targets import TargetModule
@@ -48,7 +50,7 @@ WORKDIR_FORMAT = 1
 RUN_FILE = "run.json"
 PLAN_FILE = "plan.json"
 LOCK_FILE = "lock"
-ACTIVATIONS = "activations.safetensors"
+ACTIVATIONS = "activations-{parity}.safetensors"
 REFINED = "refined:"  # key prefix of a block checkpoint's refined parameters
 
 
@@ -88,10 +90,11 @@ def run_record(settings: Mapping[str, Any], model: nn.Module, weights: ResidentW
     return json.loads(json.dumps(record, default=str))  # the form it takes in run.json (lists, not tuples)
 
 
-def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+def record_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """The dotted keys where two run records (:func:`run_record`) differ."""
     if isinstance(saved, dict) and isinstance(current, dict):
         return [difference for key in sorted(set(saved) | set(current), key=str)
-                for difference in _differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
+                for difference in record_differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
     return [] if saved == current else [prefix.rstrip(".")]
 
 
@@ -146,6 +149,7 @@ class Resumed:
     hidden: list[torch.Tensor] | None = None  # inputs of next_block, one tensor per batch
     spectra: dict[str, Spectrum] = field(default_factory=dict)
     diagnostics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    owners: dict[str, int] = field(default_factory=dict)  # module -> rank that decomposed it
 
 
 class BlockCheckpoints:
@@ -159,33 +163,46 @@ class BlockCheckpoints:
         return self.folder / f"block-{index:04d}.safetensors"
 
     def save_block(self, index: int, spectra: Mapping[str, Spectrum], diagnostics: Mapping[str, dict],
-                   refined: Mapping[str, torch.Tensor] | None = None) -> None:
-        """The block's spectra and diagnostics; ``refined``: parameters (by full name) trained after the
-        factors were cut, which a resumed run puts back (:meth:`refined`)."""
+                   refined: Mapping[str, torch.Tensor] | None = None, owners: Mapping[str, int] | None = None) -> None:
+        """The block's spectra (of a :class:`RemoteSpectrum`, only its singular values) and diagnostics;
+        ``refined``: parameters (by full name) trained after the factors were cut, which a resumed run
+        puts back (:meth:`refined`); ``owners``: the rank that decomposed each module (several processes)."""
         tensors = {f"{REFINED}{name}": t.detach().contiguous() for name, t in (refined or {}).items()}
         for name, spectrum in spectra.items():
-            tensors.update({f"{name}/u": spectrum.u.contiguous(), f"{name}/sigma": spectrum.sigma.contiguous(),
-                            f"{name}/b_full": spectrum.b_full.contiguous()})
+            tensors[f"{name}/sigma"] = spectrum.sigma.contiguous()
+            if not isinstance(spectrum, RemoteSpectrum):
+                tensors.update({f"{name}/u": spectrum.u.contiguous(), f"{name}/b_full": spectrum.b_full.contiguous()})
+        remote = {name: s.owner for name, s in spectra.items() if isinstance(s, RemoteSpectrum)}
         metadata = {"block": str(index), "modules": json.dumps(list(spectra)),  # forward order
-                    "diagnostics": json.dumps(dict(diagnostics))}
+                    "diagnostics": json.dumps(dict(diagnostics)), "remote": json.dumps(remote),
+                    "owners": json.dumps(dict(owners or {}))}
         _write_checkpoint(self._block_file(index), lambda path: save_file(tensors, path, metadata))
 
     def save_activations(self, next_block: int, hidden: Sequence[torch.Tensor]) -> None:
         """Record that blocks before ``next_block`` are done; keep ``hidden`` only if a block remains."""
         tensors = {f"batch.{i}": h.contiguous() for i, h in enumerate(hidden)} if next_block < self.blocks else {}
-        _write_checkpoint(self.folder / ACTIVATIONS,
+        _write_checkpoint(self._activations(next_block),
                           lambda path: save_file(tensors, path, {"next_block": str(next_block)}))
+
+    def _activations(self, next_block: int) -> Path:
+        return self.folder / ACTIVATIONS.format(parity=next_block % 2)
 
     def stored(self, index: int) -> tuple[dict[str, "StoredSpectrum"], dict[str, dict[str, Any]]]:
         """Block ``index``'s spectra with only ``sigma`` in memory (``u`` and ``b_full`` are read from the
         file when used), and its whitening diagnostics."""
+        return self._stored(index)[:2]
+
+    def _stored(self, index: int) -> tuple[dict[str, Spectrum], dict[str, dict[str, Any]], dict[str, int]]:
         path = self._block_file(index)
         try:
             with safe_open(path, "pt") as handle:
                 metadata = handle.metadata()
                 names = json.loads(metadata["modules"])
-                spectra = {name: StoredSpectrum(path, name, handle.get_tensor(f"{name}/sigma").clone()) for name in names}
-                return spectra, json.loads(metadata["diagnostics"])
+                remote = json.loads(metadata.get("remote", "{}"))
+                spectra = {name: RemoteSpectrum(handle.get_tensor(f"{name}/sigma").clone(), remote[name])
+                           if name in remote else StoredSpectrum(path, name, handle.get_tensor(f"{name}/sigma").clone())
+                           for name in names}
+                return spectra, json.loads(metadata["diagnostics"]), json.loads(metadata.get("owners", "{}"))
         except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
             raise _unreadable(path, error) from error
 
@@ -199,25 +216,39 @@ class BlockCheckpoints:
         except (OSError, SafetensorError) as error:
             raise _unreadable(path, error) from error
 
-    def resume(self, device: torch.device) -> Resumed:
+    def resume(self, device: torch.device, agree: Callable[[int], int] = lambda next_block: next_block) -> Resumed:
         """The saved state, or a fresh start. Tensors are copied into torch's own (aligned) memory so
-        kernels take the same paths, and give the same bits, as in an uninterrupted run."""
-        activations = self.folder / ACTIVATIONS
-        if not activations.is_file():
-            return Resumed()
-        state = Resumed()
+        kernels take the same paths, and give the same bits, as in an uninterrupted run. ``agree`` turns
+        the block this folder reached into the one every process of the run reached (the smallest); the
+        state one block back is kept for that."""
+        saved = {}
+        for parity in (0, 1):
+            path = self.folder / ACTIVATIONS.format(parity=parity)
+            if path.is_file():
+                try:
+                    with safe_open(path, "pt") as handle:
+                        saved[int(handle.metadata()["next_block"])] = path
+                except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
+                    raise _unreadable(path, error) from error
+        next_block = agree(max(saved, default=0))
+        state = Resumed(next_block)
+        if next_block == 0:
+            return state
+        if next_block not in saved:
+            raise RankcutError(f"{self.folder} holds no activations for block {next_block}, where the other processes "
+                               "of this run stopped; delete the work folders to start over")
         try:
-            with safe_open(activations, "pt") as handle:
-                state.next_block = int(handle.metadata()["next_block"])
-                if state.next_block < self.blocks:
+            with safe_open(saved[next_block], "pt") as handle:
+                if next_block < self.blocks:
                     state.hidden = [handle.get_tensor(f"batch.{i}").to(device, copy=True)
                                     for i in range(len(list(handle.keys())))]
         except (OSError, SafetensorError, KeyError, ValueError, TypeError) as error:
-            raise _unreadable(activations, error) from error
-        for index in range(state.next_block):
-            spectra, diagnostics = self.stored(index)
+            raise _unreadable(saved[next_block], error) from error
+        for index in range(next_block):
+            spectra, diagnostics, owners = self._stored(index)
             state.spectra.update(spectra)
             state.diagnostics.update(diagnostics)
+            state.owners.update(owners)
         return state
 
 
@@ -292,7 +323,7 @@ class WorkDir:
         except (OSError, ValueError) as error:
             raise ConfigError(f"{run_file} is unreadable ({error}); delete {run_file.parent} or pass "
                               "another --work-dir") from error
-        different = _differences(saved, dict(record))
+        different = record_differences(saved, dict(record))
         if different:
             raise ConfigError(
                 f"work folder {run_file.parent} was made by a different run (it differs in "
