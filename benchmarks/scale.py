@@ -218,10 +218,11 @@ def distributed_table(records: list[dict]) -> list[str]:
              "The same compression in 1 process of 2 threads and in 2 processes of 1 thread each "
              "(`torchrun --nproc-per-node 2`, gloo), on this 2-core machine: calibration batches dealt to the "
              "ranks, each input group's Grams summed and decomposed by one rank, the allocator data parallel. "
-             "Random calibration ids, keep 0.8, PivGa, float32.", "",
+             "Random calibration ids, keep 0.8, PivGa, float32. The cells ran one after another with nothing "
+             "else on the machine.", "",
              "| model | allocator | calibration | processes x threads | wall s | calibrate + decompose s | "
-             "allocate s | factorize s | peak GiB per rank | same plan as 1 process | load before |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "allocate s | factorize s | peak GiB per rank | same plan as 1 process |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     alone = {(r["model"], r["allocator"]): r for r in records if r["processes"] == 1}
     for r in sorted(records, key=lambda r: (r["model"], r["allocator"], r["processes"])):
         t = r["timings"]
@@ -230,7 +231,7 @@ def distributed_table(records: list[dict]) -> list[str]:
         lines.append(f"| {r['model']} | {r['allocator']} | {r['nsamples']} x {r['seqlen']} | {r['processes']} x {r['threads']} | "
                      f"{r['wall_seconds']:.0f} | {t.get('calibrate + decompose', 0.0):.0f} | {t.get('allocate', 0.0):.0f} | "
                      f"{t.get('factorize', 0.0):.0f} | {' / '.join(f'{b / GiB:.2f}' for b in r['peak_rss_bytes_per_rank'])} | "
-                     f"{same} | {r['load_before']:.1f} |")
+                     f"{same} |")
     return lines
 
 
