@@ -38,7 +38,7 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     in_group: bool = False  # a process group is initialized (a world of one under torchrun included)
-    loads: list[float] = field(default_factory=list)  # SVD work assigned to each rank so far (:meth:`assign`)
+    loads: list[float] = field(init=False)  # SVD work assigned to each rank so far (:meth:`assign`)
 
     def __post_init__(self) -> None:
         self.loads = [0.0] * self.world_size
