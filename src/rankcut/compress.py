@@ -422,9 +422,10 @@ def compress_checkpoint(
         raise ConfigError(f"{folder} holds no tokenizer (tokenizer.json or tokenizer_config.json), which sampling "
                           "calibration text needs")
     _check_seqlen(model, config.calibration.seqlen if calibration is None else calibration.shape[1])
+    ranks = Ranks.current()
     _check_memory(estimate_compression(source.config, config, dtype=dtype, device=source.device,
-                                       world_size=Ranks.current().world_size), max_memory)
-    leader = Ranks.current().leader  # with several processes, rank 0 writes the artifact
+                                       world_size=ranks.world_size), max_memory)
+    leader = ranks.leader  # with several processes, rank 0 writes the artifact
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(ArtifactWriter(out_dir, len(find_decoder_blocks(model)[1]) + 1,
                                                     overwrite=overwrite)) if leader else None
@@ -533,7 +534,8 @@ def _conduct(
         # the closed loop decomposes again anyway: spectra only if the allocator needs them
         if not closed_loop or (plan is None and allocator.needs_spectra):
             with _phase(timings, "calibrate + decompose"):
-                checkpoints = _spectra_checkpoints(work, spectra_cache, config, model, weights, targets, calibration)
+                checkpoints = _spectra_checkpoints(work, spectra_cache, config, model, weights, targets, calibration,
+                                                   ranks, full=allocator.needs_model)
                 curves = _collect_spectra(model, weights, targets, calibration, config, decomposer, spectra,
                                           show_progress, checkpoints, full=allocator.needs_model)
             if output_dir is not None and curves:
@@ -634,17 +636,15 @@ def _resume(checkpoints: BlockCheckpoints | None, device: torch.device, decompos
 
 def _spectra_checkpoints(work: WorkDir | None, spectra_cache: str | Path | None, config: CompressionConfig,
                          model: nn.Module, weights: ResidentWeights, targets: list[TargetModule],
-                         calibration: torch.Tensor | None) -> BlockCheckpoints | None:
+                         calibration: torch.Tensor | None, ranks: Ranks, full: bool) -> BlockCheckpoints | None:
     """Where the open-loop pass keeps its per-block spectra: the shared cache under a key of what the
     spectra depend on, else the run's work folder, else nowhere."""
     blocks = len(find_decoder_blocks(model)[1])
     if spectra_cache is not None and calibration is not None:
         depends_on = {"whitening": config.whitening, "whitening_options": config.whitening_options,
                       "batch_size": config.calibration.batch_size, "exclude": config.exclude}
-        ranks = Ranks.current()
-        if ranks.distributed:  # each rank keeps its own modules' spectra (and, for some allocators, the rest)
-            depends_on["ranks"] = [ranks.rank, ranks.world_size, create_allocator(
-                config.allocator, config.allocator_options).needs_model]
+        if ranks.distributed:  # each rank keeps its own modules' spectra (with ``full``, the others' too)
+            depends_on["ranks"] = [ranks.rank, ranks.world_size, full]
         record = run_record(depends_on, model, weights, targets, calibration)
         key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
         Path(spectra_cache).mkdir(parents=True, exist_ok=True)
