@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compensations", nargs="+", type=float, default=[1.0],
                         help="shares of the upstream error compensated, for --closed-loops compensate (cells other "
                              "than 1 named -compensateX)")
+    parser.add_argument("--anchors", nargs="+", type=float, default=[0.0],
+                        help="weights of the dense fit within the compensating one, for --closed-loops compensate "
+                             "(cells other than 0 named -anchorB)")
     parser.add_argument("--refine-steps", nargs="+", type=int, default=[0],
                         help="block refinement steps, for --closed-loops compensate (cells named -refineN)")
     parser.add_argument("--refine-lr", type=float, default=rankcut.CompressionConfig.refine_lr)
@@ -334,19 +337,20 @@ def main(argv: list[str] | None = None) -> None:
         dense_row(args, wanted, environment)
         gc.collect()
     cells = itertools.product(args.calib, args.whitenings, args.allocators, args.formats, args.keeps,
-                              args.closed_loops, args.compensations, args.refine_steps)
-    for calib, whitening, allocator, factor_format, keep, closed_loop, compensation, refine_steps in cells:
-        if (refine_steps or compensation != 1.0) and closed_loop != "compensate":
-            continue  # refinement and the blend apply to the compensating fit only
+                              args.closed_loops, args.compensations, args.anchors, args.refine_steps)
+    for calib, whitening, allocator, factor_format, keep, closed_loop, compensation, anchor, refine_steps in cells:
+        if (refine_steps or compensation != 1.0 or anchor) and closed_loop != "compensate":
+            continue  # refinement, the blend and the anchor apply to the compensating fit only
         dataset, split = calib.split(":")
         loop = "" if closed_loop == "none" else f"-{closed_loop}" + (f"{compensation:g}" if compensation != 1.0 else "")
+        loop += f"-anchor{anchor:g}" if anchor else ""
         refine = f"-refine{refine_steps}" if refine_steps else ""
         cell = f"{allocator}-{factor_format}-{whitening}-keep{keep:g}-{dataset}{loop}{refine}{args.tag}"
         path = args.results / f"{cell}.json"
         config = rankcut.CompressionConfig(
             keep_ratio=keep, allocator=allocator, allocator_options=allocator_options.get(allocator, {}),
             whitening=whitening, factor_format=factor_format, closed_loop=closed_loop, compensation=compensation,
-            refine_steps=refine_steps, refine_lr=args.refine_lr,
+            anchor=anchor, refine_steps=refine_steps, refine_lr=args.refine_lr,
             calibration=rankcut.CalibrationConfig(dataset=dataset, split=split,
                                                   nsamples=args.nsamples, seqlen=args.seqlen))
         if path.exists():

@@ -126,6 +126,8 @@ def closed_loop(cell: dict) -> tuple[str, int]:
     mode = config.get("closed_loop") or ("sequential" if config.get("sequential") else "none")
     if config.get("compensation", 1.0) != 1.0:
         mode += f" {config['compensation']:g}"
+    if config.get("anchor", 0.0):
+        mode += f" anchor {config['anchor']:g}"
     return mode, config.get("refine_steps", 0)
 
 
@@ -187,6 +189,8 @@ def reproduce_command(cell: dict) -> str:
         parts.append(f"--closed-loop {config['closed_loop']}")
     if config.get("compensation", 1.0) != 1.0:
         parts.append(f"--compensation {config['compensation']:g}")
+    if config.get("anchor", 0.0):
+        parts.append(f"--anchor {config['anchor']:g}")
     if steps:
         parts.append(f"--refine-steps {steps} --refine-lr {config['refine_lr']:g}")
     return " ".join(parts)

@@ -67,32 +67,57 @@ def test_it_beats_the_open_loop_fit_to_the_same_inputs_and_is_it_when_they_match
         torch.testing.assert_close(product[0], product[1], rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("compensation", [0.0, 0.3, 0.7])
-def test_a_blended_fit_is_the_optimum_of_its_blended_objective(compensation):
-    """With ``α`` the fit minimises ``α‖W X − W_k X̃‖² + (1 − α)‖W X̃ − W_k X̃‖²``: at every rank it is
-    no worse on that objective than the full compensating fit (α = 1) and the fit to X̃ alone (α = 0)."""
+def paired_fit(weight, x, x_tilde, compensation: float, anchor: float = 0.0):
+    """The fit of :meth:`PairedStatistics.fit_grams` from explicit inputs, undamped, float64."""
     from rankcut.calibration import PairedStatistics
 
+    tokens = x.shape[1]
+    statistics = PairedStatistics(["m"], x_tilde @ x_tilde.T / tokens, x_tilde.abs().mean(dim=1), tokens,
+                                  x @ x_tilde.T / tokens, x @ x.T / tokens)
+    gram, cross = statistics.fit_grams(compensation, anchor)
+    whitening = create_whitener("cholesky", {"damping": 0.0}).whiten(
+        InputStatistics(["m"], gram, statistics.abs_mean, tokens))
+    return whitened_svd(weight, whitening, "m", storage_dtype=torch.float64, cross=cross)
+
+
+@pytest.mark.parametrize("compensation, anchor", [(0.0, 0.0), (0.3, 0.0), (0.7, 0.0), (1.0, 0.5), (0.5, 2.0)])
+def test_a_blended_anchored_fit_is_the_optimum_of_its_objective(compensation, anchor):
+    """With ``α``, ``β`` the fit minimises ``α‖W X − W_k X̃‖² + (1 − α)‖W X̃ − W_k X̃‖² + β‖W X − W_k X‖²``:
+    at every rank it is no worse on that objective than the fits with other settings."""
     x, x_tilde = inputs(14, 250, seed=4)
     weight = torch.randn(18, 14, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    tokens = x.shape[1]
-
-    def blended_fit(alpha: float):
-        statistics = PairedStatistics(["m"], x_tilde @ x_tilde.T / tokens, x_tilde.abs().mean(dim=1), tokens,
-                                      x @ x_tilde.T / tokens)
-        whitening = create_whitener("cholesky", {"damping": 0.0}).whiten(statistics)
-        return whitened_svd(weight, whitening, "m", storage_dtype=torch.float64, cross=statistics.blended_cross(alpha))
 
     def objective(spectrum, rank: int) -> float:
-        product = torch.matmul(*spectrum.factors(rank, dtype=torch.float64)) @ x_tilde
-        return float(compensation * (weight @ x - product).square().sum()
-                     + (1 - compensation) * (weight @ x_tilde - product).square().sum())
+        w_k = torch.matmul(*spectrum.factors(rank, dtype=torch.float64))
+        return float(compensation * (weight @ x - w_k @ x_tilde).square().sum()
+                     + (1 - compensation) * (weight @ x_tilde - w_k @ x_tilde).square().sum()
+                     + anchor * (weight @ x - w_k @ x).square().sum())
 
-    mine, full, own = blended_fit(compensation), blended_fit(1.0), blended_fit(0.0)
+    mine = paired_fit(weight, x, x_tilde, compensation, anchor)
+    others = [paired_fit(weight, x, x_tilde, *setting) for setting in ((1.0, 0.0), (0.0, 0.0), (1.0, 3.0))
+              if setting != (compensation, anchor)]
     for rank in (2, 6, 11):
-        assert objective(mine, rank) <= min(objective(full, rank), objective(own, rank)) * (1 + 1e-12)
-    reference = fit(weight, x, x_tilde, compensate=False)  # α = 0: the plain whitened fit on X̃
+        assert objective(mine, rank) <= min(objective(other, rank) for other in others) * (1 + 1e-12)
+    own = paired_fit(weight, x, x_tilde, 0.0)
+    reference = fit(weight, x, x_tilde, compensate=False)  # α = 0, β = 0: the plain whitened fit on X̃
     torch.testing.assert_close(own.sigma, reference.sigma, rtol=1e-10, atol=1e-12)
+
+
+def test_the_anchor_keeps_the_weight_where_the_compressed_inputs_lost_a_direction():
+    """X̃ keeps 1% of X's first channel (plus noise): the compensating regression scales that column of
+    W up to recover it from its remnant, the anchored fit leaves it near W's."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 400, generator=generator, dtype=torch.float64)
+    x_tilde = x.clone()
+    x_tilde[0] = 0.01 * x[0] + 0.001 * torch.randn(400, generator=generator, dtype=torch.float64)
+    weight = torch.randn(12, 8, generator=generator, dtype=torch.float64)
+
+    def lost_column_growth(anchor: float) -> float:
+        w_k = torch.matmul(*paired_fit(weight, x, x_tilde, 1.0, anchor).factors(8, dtype=torch.float64))
+        return float(w_k[:, 0].norm() / weight[:, 0].norm())
+
+    assert lost_column_growth(0.0) > 20
+    assert 0.5 < lost_column_growth(1.0) < 1.5
 
 
 def final_hidden(model, ids):
@@ -112,14 +137,17 @@ def test_compensate_brings_the_outputs_closest_to_the_dense_model():
     assert errors["compensate"] < errors["none"] and errors["compensate"] < errors["sequential"]
 
 
-def test_the_first_group_sees_the_dense_inputs_so_it_gets_the_open_loop_factors():
+@pytest.mark.parametrize("anchor", [0.0, 1.0])
+def test_the_first_group_sees_the_dense_inputs_so_it_gets_the_open_loop_factors(anchor):
     ids = calibration_ids(8, 24, seed=1)
     factors = {}
     for mode in ("none", "compensate"):
-        config = CompressionConfig(keep_ratio=0.5, allocator="uniform", closed_loop=mode, factor_format="plain")
-        model, _ = compress(tiny_model(), config, calibration=ids, show_progress=False)
+        config = CompressionConfig(keep_ratio=0.5, allocator="uniform", closed_loop=mode, factor_format="plain",
+                                   anchor=anchor if mode == "compensate" else 0.0)
+        model, report = compress(tiny_model(), config, calibration=ids, show_progress=False)
         layer = model.get_submodule("model.layers.0.self_attn.q_proj")
         factors[mode] = layer.weight_a.detach().double() @ layer.weight_b.detach().double()
+        assert report.diagnostics["model.layers.1.mlp.down_proj"].get("anchor", 0.0) == config.anchor
     torch.testing.assert_close(factors["compensate"], factors["none"], rtol=1e-4, atol=1e-5)
 
 
@@ -127,7 +155,11 @@ def test_the_first_group_sees_the_dense_inputs_so_it_gets_the_open_loop_factors(
                                                ({"closed_loop": "compensate", "whitening": "none"}, "whitening"),
                                                ({"closed_loop": "compensate", "compensation": 1.5}, "in \\[0, 1\\]"),
                                                ({"closed_loop": "compensate", "compensation": True}, "in \\[0, 1\\]"),
-                                               ({"closed_loop": "sequential", "compensation": 0.5}, "needs closed_loop")])
+                                               ({"closed_loop": "sequential", "compensation": 0.5}, "needs closed_loop"),
+                                               ({"closed_loop": "compensate", "anchor": -1.0}, "anchor must be"),
+                                               ({"closed_loop": "compensate", "anchor": float("inf")}, "anchor must be"),
+                                               ({"closed_loop": "compensate", "anchor": True}, "anchor must be"),
+                                               ({"closed_loop": "none", "anchor": 1.0}, "needs closed_loop")])
 def test_bad_closed_loop_settings_are_clear_errors(settings, message):
     with pytest.raises(ConfigError, match=message):
         CompressionConfig(**settings)

@@ -9,7 +9,8 @@ Memory: the stored activations take ``nsamples x seqlen x hidden x 4`` bytes (fl
 x 4 = 302 MB for SmolLM2, 2 GiB for a 4096-wide model), twice during a block (inputs and outputs),
 plus the Grams of one block: ``8 x sum of distinct input widths²`` bytes (float64), plus the model.
 The compensating pass (:meth:`BlockStream.run_compensating`) carries two streams, the dense model's
-and the compressed model's, and one input group's cross-Gram (``8 x width²``) beside its Gram.
+and the compressed model's, and one input group's cross-Gram (``8 x width²``) beside its Gram (with
+an anchor, the dense inputs' Gram too: another ``8 x width²``).
 """
 
 from __future__ import annotations
@@ -40,18 +41,31 @@ class InputStatistics:
 @dataclass
 class PairedStatistics(InputStatistics):
     """One input group of the compensating pass: ``gram`` and ``abs_mean`` of the inputs ``X̃`` the
-    compressed model gives the group, and ``cross``, the mean ``X X̃ᵀ`` with the dense model's inputs."""
+    compressed model gives the group, ``cross``, the mean ``X X̃ᵀ`` with the dense model's inputs, and
+    (when an anchor asks for it) ``dense_gram``, the mean ``X Xᵀ``."""
 
     cross: torch.Tensor | None = None  # n x n float64
+    dense_gram: torch.Tensor | None = None  # n x n float64
 
-    def blended_cross(self, compensation: float) -> torch.Tensor:
-        """``α X X̃ᵀ + (1 − α) X̃ X̃ᵀ`` (means; α = ``compensation``): with it the whitened truncated SVD
-        minimises ``α ‖W X − W_k X̃‖² + (1 − α) ‖W X̃ − W_k X̃‖²``, the two completing one square.
-        1 fits the dense outputs, compensating the upstream error; 0 fits the module's own weight on the
-        inputs it will see; in between, part of the upstream error is compensated."""
-        if compensation == 1.0:
-            return self.cross
-        return compensation * self.cross + (1.0 - compensation) * self.gram
+    def fit_grams(self, compensation: float, anchor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gram ``G`` to whiten with and the cross-Gram ``C`` for the target ``W C S⁻ᵀ`` (``S Sᵀ = G``)
+        whose whitened truncated SVD minimises, over rank-k ``W_k`` (means over tokens; α =
+        ``compensation``, β = ``anchor``)::
+
+            α ‖W X − W_k X̃‖² + (1 − α) ‖W X̃ − W_k X̃‖² + β ‖W X − W_k X‖²
+
+        The quadratic terms in ``W_k`` sum to ``G = X̃X̃ᵀ + β XXᵀ``, the linear ones to ``C = α XX̃ᵀ +
+        (1 − α) X̃X̃ᵀ + β XXᵀ``, so it is one square. α = 1 fits the dense outputs, compensating the
+        upstream error; α = 0 fits the module's own weight on the inputs it will see. Where the
+        compressed inputs lost a direction the dense ones carry, the compensating regression amplifies
+        what is left of it in ``X̃`` (the weight grows along a direction of little energy); β > 0 keeps the
+        dense fit there, because ``XXᵀ`` has that direction's energy."""
+        cross = self.cross if compensation == 1.0 else compensation * self.cross + (1.0 - compensation) * self.gram
+        if anchor == 0.0:
+            return self.gram, cross
+        if self.dense_gram is None:
+            raise ValueError("an anchored fit needs the dense inputs' Gram: run the pass with dense_gram=True")
+        return self.gram + anchor * self.dense_gram, cross + anchor * self.dense_gram
 
 
 class _StopForward(Exception):
@@ -188,12 +202,14 @@ class BlockStream:
                          refine: Callable[[int, nn.Module, list, list, list], None] | None = None,
                          progress: Callable[..., None] | None = None, start_block: int = 0,
                          hidden: list[torch.Tensor] | None = None,
-                         on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None) -> None:
+                         on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None,
+                         dense_gram: bool = False) -> None:
         """The dense model and the compressed one side by side, block by block, and within a block
         input group by input group in the order the data flows (q/k/v, then o; gate/up, then down: the
         order the modules are called in, not their names). For each group, ``on_group(block, stats)``
         gets the compressed path's inputs ``X̃`` (after the groups before it were replaced) with their
-        cross-Gram against the dense inputs ``X``, and replaces the group's modules. After the block's
+        cross-Gram against the dense inputs ``X`` (and, with ``dense_gram``, the Gram of ``X``), and
+        replaces the group's modules. After the block's
         last group, ``refine(block_index, block, compressed_inputs, dense_outputs, kwargs)`` may train
         the block's factors, then ``on_block(block_index)`` follows. Both paths then move on: the dense
         block's outputs and the compressed block's.
@@ -218,7 +234,8 @@ class BlockStream:
             names = [t.name for t in self.targets if t.block == index]
             originals = {name: self.model.get_submodule(name) for name in names}  # the dense modules
             for group in self._groups_in_flow_order(block, dense[0], kwargs[0], names):
-                on_group(index, self._paired_statistics(block, group, originals, dense, compressed, kwargs))
+                on_group(index, self._paired_statistics(block, group, originals, dense, compressed, kwargs,
+                                                        dense_gram))
             with self._swapped(originals):
                 dense_outputs = self.forward_block(block, dense, kwargs)
             if refine is not None:
@@ -260,8 +277,9 @@ class BlockStream:
     @torch.inference_mode()
     def _paired_statistics(self, block: nn.Module, group: tuple[str, ...], originals: Mapping[str, nn.Module],
                            dense: list[torch.Tensor], compressed: list[torch.Tensor],
-                           kwargs: list[dict]) -> PairedStatistics:
+                           kwargs: list[dict], with_dense_gram: bool) -> PairedStatistics:
         gram, cross, abs_sum, tokens = None, None, None, 0
+        dense_slot: list = [None, None, 0]
         for h, h_tilde, kw in zip(dense, compressed, kwargs):
             with self._swapped(originals):
                 x = self._input_of(block, h, kw, group[0])
@@ -269,9 +287,13 @@ class BlockStream:
             slot = [gram, abs_sum, tokens]
             _accumulate(slot, x_tilde)
             gram, abs_sum, tokens = slot
+            if with_dense_gram:
+                _accumulate(dense_slot, x)
             product = (x.reshape(-1, x.shape[-1]).float().T @ x_tilde.reshape(-1, x_tilde.shape[-1]).float()).double().cpu()
             cross = product if cross is None else cross + product
-        return PairedStatistics(list(group), _symmetric(gram) / tokens, abs_sum / tokens, tokens, cross / tokens)
+        dense_gram = _symmetric(dense_slot[0]) / tokens if with_dense_gram else None
+        return PairedStatistics(list(group), _symmetric(gram) / tokens, abs_sum / tokens, tokens, cross / tokens,
+                                dense_gram)
 
     def _input_of(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict, name: str) -> torch.Tensor:
         """The input module ``name`` receives when ``block`` runs on ``hidden`` (the block stops there)."""

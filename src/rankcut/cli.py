@@ -155,6 +155,10 @@ def compress(
     compensation: Annotated[float, typer.Option(
         help="with --closed-loop compensate: the share of the upstream error each module compensates, in [0, 1] "
              "(1: fit the dense outputs; 0: the module's own weight on the compressed inputs)")] = 1.0,
+    anchor: Annotated[float, typer.Option(
+        help="with --closed-loop compensate: weight (>= 0) of the dense fit on the dense inputs beside the "
+             "compensating one; keeps each weight where the compressed inputs lost a direction instead of "
+             "amplifying what is left of it")] = 0.0,
     refine_steps: Annotated[int, typer.Option(
         help="with --closed-loop compensate: Adam steps per block on its factors towards the dense block's "
              "outputs, one calibration batch (--batch-size windows) per step")] = 0,
@@ -201,7 +205,7 @@ def compress(
     config = CompressionConfig(
         keep_ratio=keep, allocator=allocator, allocator_options=_parse_options(allocator_option),
         whitening=whitening, whitening_options=_parse_options(whitening_option), factor_format=factor_format,
-        closed_loop=closed_loop, compensation=compensation, refine_steps=refine_steps, refine_lr=refine_lr,
+        closed_loop=closed_loop, compensation=compensation, anchor=anchor, refine_steps=refine_steps, refine_lr=refine_lr,
         exclude=list(exclude),
         calibration=CalibrationConfig(calib, calib_split, nsamples, seqlen, seed, batch_size,
                                       str(data_dir) if data_dir else None),

@@ -11,7 +11,9 @@ Phases (each timed in the report):
    each module's compressed-path output to the dense model's output (``whitened_svd`` with the
    cross-Gram), so the error upstream is compensated rather than inherited; ``compensation`` below 1
    compensates only that share of it (the rest of the fit is to the module's own weight on the
-   compressed inputs, :meth:`PairedStatistics.blended_cross`).
+   compressed inputs), and ``anchor`` adds the dense fit on the dense inputs, which keeps the weight
+   where the compressed inputs lost a direction instead of amplifying its remnant
+   (:meth:`PairedStatistics.fit_grams`).
 
 With a work folder (:mod:`rankcut.workdir`) each block's spectra and the activations entering the next
 block are checkpointed as the passes go, and the plan once allocated, so a rerun after an interruption
@@ -30,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
@@ -97,6 +99,7 @@ class CompressionConfig:
     factor_format: Literal["plain", "pivga"] = "pivga"
     closed_loop: Literal["none", "sequential", "compensate"] = "none"
     compensation: float = 1.0  # closed_loop "compensate": share of the upstream error each module compensates
+    anchor: float = 0.0  # closed_loop "compensate": weight of the dense fit ‖(W − W_k) X‖² beside the compensating one
     refine_steps: int = 0  # Adam steps per block on its factors after the compensating fit (0: none)
     refine_lr: float = 1e-4
     exclude: list[str] = field(default_factory=list)
@@ -123,6 +126,12 @@ class CompressionConfig:
             raise ConfigError(f"compensation must be in [0, 1], got {self.compensation!r}")
         if self.compensation != 1.0 and self.closed_loop != "compensate":
             raise ConfigError("compensation blends the compensating fit: it needs closed_loop 'compensate'")
+        if isinstance(self.anchor, bool) or not isinstance(self.anchor, (int, float)) \
+                or not 0.0 <= self.anchor < float("inf"):
+            raise ConfigError(f"anchor must be a finite number >= 0, got {self.anchor!r}")
+        if self.anchor and self.closed_loop != "compensate":
+            raise ConfigError("anchor weighs the dense fit within the compensating one: it needs closed_loop "
+                              "'compensate'")
         if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise ConfigError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
         if isinstance(self.refine_lr, bool) or not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
@@ -317,21 +326,23 @@ class _Decomposer:
         return out
 
 
-    def compensating(self, statistics: PairedStatistics, compensation: float = 1.0) -> dict[str, Spectrum]:
-        """The compensating fit of one input group's modules (``whitened_svd`` with the cross-Gram, blended
-        with the group's own Gram by ``compensation``: :meth:`PairedStatistics.blended_cross`)."""
+    def compensating(self, statistics: PairedStatistics, compensation: float = 1.0,
+                     anchor: float = 0.0) -> dict[str, Spectrum]:
+        """The compensating fit of one input group's modules: ``whitened_svd`` of the Gram and cross-Gram
+        of :meth:`PairedStatistics.fit_grams` (``compensation`` blends in the group's own Gram, ``anchor``
+        the dense inputs' Gram)."""
+        gram, cross = statistics.fit_grams(compensation, anchor)
         try:
-            whitening = self.whitener.whiten(statistics)
+            whitening = self.whitener.whiten(dataclasses.replace(statistics, gram=gram))
         except FactorizationError as error:
             raise FactorizationError(f"{statistics.modules[0]}: {error}") from error
         out = {}
         for name in statistics.modules:
-            spectrum = whitened_svd(self.model.get_submodule(name).weight, whitening, name,
-                                    cross=statistics.blended_cross(compensation))
+            spectrum = whitened_svd(self.model.get_submodule(name).weight, whitening, name, cross=cross)
             out[name] = Spectrum(spectrum.u.contiguous(), spectrum.sigma, spectrum.b_full.contiguous())
             self.diagnostics[name] = {**whitening.diagnostics, "shared_input": statistics.modules,
                                       "calibration_tokens": statistics.tokens, "fit": "compensating",
-                                      "compensation": compensation}
+                                      "compensation": compensation, "anchor": anchor}
         return out
 
 
@@ -343,6 +354,28 @@ def _factorized_layer(linear: nn.Linear, spectrum: Spectrum, rank: int, factor_f
     else:
         layer = LowRankLinear.from_factors(a, b, None if bias is None else bias.double())
     return layer.to(dtype=linear.weight.dtype, device=linear.weight.device)
+
+
+@dataclass
+class _Job:
+    """What every pass of one compression reads: the model and how its blocks come into memory, the
+    targets, the calibration ids, the settings, the decomposer (with the process group), whether progress
+    shows, the work folder (None: not resumable) and where each finished block goes (None: nowhere)."""
+
+    model: nn.Module
+    weights: ResidentWeights
+    targets: list[TargetModule]
+    calibration: torch.Tensor | None
+    config: CompressionConfig
+    decomposer: _Decomposer
+    show_progress: bool
+    work: WorkDir | None
+    hand_over: Callable[[str], None] | None
+
+    def block_stream(self) -> BlockStream:
+        """The calibration windows through the model, one block resident at a time."""
+        return BlockStream(self.model, self.targets, self.calibration, self.config.calibration.batch_size,
+                           weights=self.weights, ranks=self.decomposer.ranks)
 
 
 def compress(
@@ -523,7 +556,10 @@ def _conduct(
                                     calibration if needs_data else None), "the run (settings, model, data)",
                           record_differences)
 
-    with _work_dir(work_dir, config, model, weights, targets, calibration if needs_data else None, ranks) as work:
+    calibration = calibration if needs_data else None
+    hand_over = (lambda block: writer.write(model, tensor_names(model, block))) if writer is not None else None
+    with _work_dir(work_dir, config, model, weights, targets, calibration, ranks) as work:
+        job = _Job(model, weights, targets, calibration, config, decomposer, show_progress, work, hand_over)
         plan = work.load_plan() if work is not None else None
         if plan is not None and dict(plan.shapes) != dict(budget.shapes):
             raise ConfigError(f"the rank plan in {work.path} does not match this model; delete the work folder")
@@ -534,10 +570,8 @@ def _conduct(
         # the closed loop decomposes again anyway: spectra only if the allocator needs them
         if not closed_loop or (plan is None and allocator.needs_spectra):
             with _phase(timings, "calibrate + decompose"):
-                checkpoints = _spectra_checkpoints(work, spectra_cache, config, model, weights, targets, calibration,
-                                                   ranks, full=allocator.needs_model)
-                curves = _collect_spectra(model, weights, targets, calibration, config, decomposer, spectra,
-                                          show_progress, checkpoints, full=allocator.needs_model)
+                checkpoints = _spectra_checkpoints(job, spectra_cache, full=allocator.needs_model)
+                curves = _collect_spectra(job, spectra, checkpoints, full=allocator.needs_model)
             if output_dir is not None and curves:
                 _plot_whitening(curves, targets, Path(output_dir))
 
@@ -561,14 +595,13 @@ def _conduct(
             if work is not None:
                 work.save_plan(plan)
 
-        hand_over = (lambda block: writer.write(model, tensor_names(model, block))) if writer is not None else None
         with _phase(timings, "factorize"):
             if closed_loop:
                 spectra.clear()  # re-decomposed block by block against the compressed upstream blocks
                 factorize = _factorize_sequential if config.closed_loop == "sequential" else _factorize_compensating
-                factorize(model, weights, targets, calibration, config, decomposer, plan, show_progress, work, hand_over)
+                factorize(job, plan)
             else:
-                _factorize_open_loop(model, weights, targets, spectra, plan, config.factor_format, hand_over, decomposer)
+                _factorize_open_loop(job, spectra, plan)
             if writer is not None:
                 outer = outer_modules(model, find_decoder_blocks(model, with_linears=False)[0])
                 weights.onload(outer)
@@ -634,37 +667,37 @@ def _resume(checkpoints: BlockCheckpoints | None, device: torch.device, decompos
     return state
 
 
-def _spectra_checkpoints(work: WorkDir | None, spectra_cache: str | Path | None, config: CompressionConfig,
-                         model: nn.Module, weights: ResidentWeights, targets: list[TargetModule],
-                         calibration: torch.Tensor | None, ranks: Ranks, full: bool) -> BlockCheckpoints | None:
+def _spectra_checkpoints(job: _Job, spectra_cache: str | Path | None, full: bool) -> BlockCheckpoints | None:
     """Where the open-loop pass keeps its per-block spectra: the shared cache under a key of what the
     spectra depend on, else the run's work folder, else nowhere."""
-    blocks = len(find_decoder_blocks(model)[1])
-    if spectra_cache is not None and calibration is not None:
+    blocks = len(find_decoder_blocks(job.model)[1])
+    config, ranks = job.config, job.decomposer.ranks
+    if spectra_cache is not None and job.calibration is not None:
         depends_on = {"whitening": config.whitening, "whitening_options": config.whitening_options,
                       "batch_size": config.calibration.batch_size, "exclude": config.exclude}
         if ranks.distributed:  # each rank keeps its own modules' spectra (with ``full``, the others' too)
             depends_on["ranks"] = [ranks.rank, ranks.world_size, full]
-        record = run_record(depends_on, model, weights, targets, calibration)
+        record = run_record(depends_on, job.model, job.weights, job.targets, job.calibration)
         key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
         Path(spectra_cache).mkdir(parents=True, exist_ok=True)
         return BlockCheckpoints(Path(spectra_cache) / key, blocks)
-    return work.blocks("spectra", blocks) if work is not None else None
+    return job.work.blocks("spectra", blocks) if job.work is not None else None
 
 
 Curves = dict[str, tuple[list[float], list[float]]]
 
 
-def _collect_spectra(model, weights, targets, calibration, config, decomposer, spectra, show_progress,
-                     checkpoints: BlockCheckpoints | None, full: bool) -> Curves:
+def _collect_spectra(job: _Job, spectra: dict[str, Spectrum], checkpoints: BlockCheckpoints | None,
+                     full: bool) -> Curves:
     """Fill ``spectra`` (with checkpoints: singular values in memory, factors on disk) and return the
     middle block's singular values before and after whitening, for the plot (empty if not computed).
     With several processes each rank decomposes the groups it owns and receives the others' singular
     values, and with ``full`` their factors too."""
+    model, weights, targets, decomposer = job.model, job.weights, job.targets, job.decomposer
     prefix, blocks = find_decoder_blocks(model)
     middle = targets[len(targets) // 2].block
     curves: Curves = {}
-    if config.whitening == "none":  # no calibration: cheap, nothing to checkpoint
+    if job.config.whitening == "none":  # no calibration: cheap, nothing to checkpoint
         from .whitening.base import IdentityWhitening
 
         identity = IdentityWhitening({"path": "identity"})
@@ -675,8 +708,7 @@ def _collect_spectra(model, weights, targets, calibration, config, decomposer, s
                 decomposer.diagnostics[target.name] = dict(identity.diagnostics)
             weights.offload([f"{prefix}.{index}"])
         return curves
-    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights,
-                         ranks=decomposer.ranks)
+    stream = job.block_stream()
     state = _resume(checkpoints, stream.device, decomposer)
     spectra.update(state.spectra)
 
@@ -695,7 +727,7 @@ def _collect_spectra(model, weights, targets, calibration, config, decomposer, s
                                owners=run.owners)
         spectra.update(checkpoints.stored(run.index)[0])  # the factors stay on disk
 
-    with progress_bar("calibrate + decompose blocks", total=len(stream.blocks), enabled=show_progress) as advance:
+    with progress_bar("calibrate + decompose blocks", total=len(stream.blocks), enabled=job.show_progress) as advance:
         advance(state.next_block)
         if state.next_block < len(stream.blocks):
             stream.run(decompose_block, progress=advance, start_block=state.next_block, hidden=state.hidden,
@@ -727,54 +759,53 @@ def _replace(model: nn.Module, target: TargetModule, spectra: dict[str, Spectrum
     set_submodule(model, target.name, layer)
 
 
-def _factorize_open_loop(model, weights, targets, spectra, plan, factor_format: str, hand_over,
-                         decomposer: _Decomposer, blocks: range | None = None, restore=None) -> None:
+def _factorize_open_loop(job: _Job, spectra: dict[str, Spectrum], plan: RankPlan, blocks: range | None = None,
+                         restore: Callable[[int], None] | None = None) -> None:
     """Replace the targets of ``blocks`` (all by default) by their factors at the planned rank, one block
     resident at a time, each handed over once done (after ``restore(index)``, which may put back what a
     resumed pass had trained). Each module is factorized by the rank holding its factors and shared."""
-    prefix, decoder_blocks = find_decoder_blocks(model, with_linears=False)
+    prefix, decoder_blocks = find_decoder_blocks(job.model, with_linears=False)
     for index in blocks if blocks is not None else range(len(decoder_blocks)):
         block = f"{prefix}.{index}"
-        weights.onload([block])
-        block_targets = [t for t in targets if t.block == index]
+        job.weights.onload([block])
+        block_targets = [t for t in job.targets if t.block == index]
         for target in block_targets:
-            if decomposer.owns(target.name):
-                _replace(model, target, spectra, plan, factor_format)
+            if job.decomposer.owns(target.name):
+                _replace(job.model, target, spectra, plan, job.config.factor_format)
             else:
                 spectra.pop(target.name, None)
-        decomposer.share_layers([t.name for t in block_targets], plan)
+        job.decomposer.share_layers([t.name for t in block_targets], plan)
         if restore is not None:
             restore(index)
-        if hand_over is not None:
-            hand_over(block)
-        weights.offload([block])
+        if job.hand_over is not None:
+            job.hand_over(block)
+        job.weights.offload([block])
 
 
-def _closed_loop_pass(kind: str, model, weights, targets, calibration, config, decomposer, plan,
-                      work: WorkDir | None, hand_over) -> tuple[BlockStream, BlockCheckpoints | None, Resumed]:
+def _closed_loop_pass(job: _Job, kind: str, plan: RankPlan) -> tuple[BlockStream, BlockCheckpoints | None, Resumed]:
     """The block stream of a closed-loop pass, its checkpoints in the work folder's ``kind`` subfolder,
     and where an interrupted pass stopped: the blocks it had done are factorized again from their
     checkpointed factors (and refined parameters) before the pass resumes at the next one."""
-    stream = BlockStream(model, targets, calibration, config.calibration.batch_size, weights=weights,
-                         ranks=decomposer.ranks)
-    checkpoints = work.blocks(kind, len(stream.blocks)) if work is not None else None
-    state = _resume(checkpoints, stream.device, decomposer)
+    stream = job.block_stream()
+    checkpoints = job.work.blocks(kind, len(stream.blocks)) if job.work is not None else None
+    state = _resume(checkpoints, stream.device, job.decomposer)
 
     def restore(index: int) -> None:
         with torch.no_grad():
             for name, tensor in checkpoints.refined(index).items():
-                model.get_parameter(name).copy_(tensor)
+                job.model.get_parameter(name).copy_(tensor)
 
-    _factorize_open_loop(model, weights, targets, state.spectra, plan, config.factor_format, hand_over, decomposer,
-                         range(state.next_block), restore if checkpoints is not None else None)
+    _factorize_open_loop(job, state.spectra, plan, range(state.next_block),
+                         restore if checkpoints is not None else None)
     return stream, checkpoints, state
 
 
-def _factorize_sequential(model, weights, targets, calibration, config, decomposer, plan, show_progress,
-                          work: WorkDir | None, hand_over) -> None:
-    stream, checkpoints, state = _closed_loop_pass("sequential", model, weights, targets, calibration, config,
-                                                   decomposer, plan, work, hand_over)
-    by_name = {t.name: t for t in targets}
+def _factorize_sequential(job: _Job, plan: RankPlan) -> None:
+    """Decompose each block again from the statistics of its inputs on the compressed model so far and
+    factorize it at the planned rank; each block's cut factors are checkpointed."""
+    stream, checkpoints, state = _closed_loop_pass(job, "sequential", plan)
+    decomposer = job.decomposer
+    by_name = {t.name: t for t in job.targets}
 
     def factorize_block(run: BlockRun) -> None:
         decomposer.owners.update(run.owners)
@@ -786,12 +817,12 @@ def _factorize_sequential(model, weights, targets, calibration, config, decompos
                     if plan.ranks[name] != DENSE}
             checkpoints.save_block(run.index, kept, {n: decomposer.diagnostics[n] for n in names}, owners=run.owners)
         for name in list(block_spectra):
-            _replace(model, by_name[name], block_spectra, plan, config.factor_format)
+            _replace(job.model, by_name[name], block_spectra, plan, job.config.factor_format)
         decomposer.share_layers(names, plan)
-        if hand_over is not None:
-            hand_over(stream.block_name(run.index))
+        if job.hand_over is not None:
+            job.hand_over(stream.block_name(run.index))
 
-    with progress_bar("factorize blocks (closed loop)", total=len(stream.blocks), enabled=show_progress) as advance:
+    with progress_bar("factorize blocks (closed loop)", total=len(stream.blocks), enabled=job.show_progress) as advance:
         advance(state.next_block)
         if state.next_block < len(stream.blocks):
             stream.run(factorize_block, closed_loop=True, progress=advance, start_block=state.next_block,
@@ -799,19 +830,18 @@ def _factorize_sequential(model, weights, targets, calibration, config, decompos
                        on_outputs=checkpoints.save_activations if checkpoints is not None else None)
 
 
-def _factorize_compensating(model, weights, targets, calibration, config, decomposer, plan, show_progress,
-                            work: WorkDir | None, hand_over) -> None:
+def _factorize_compensating(job: _Job, plan: RankPlan) -> None:
     """Factorize every target by the compensating fit (:meth:`BlockStream.run_compensating`), group by
     group, then refine each block's factors when asked (:func:`refine_block`); each block's cut factors
     and refined parameters are checkpointed, so a rerun resumes at the first block not done."""
-    stream, checkpoints, state = _closed_loop_pass("compensate", model, weights, targets, calibration, config,
-                                                   decomposer, plan, work, hand_over)
+    stream, checkpoints, state = _closed_loop_pass(job, "compensate", plan)
+    model, targets, config, decomposer = job.model, job.targets, job.config, job.decomposer
     by_name = {t.name: t for t in targets}
     kept: dict[str, Spectrum] = {}
     refined: dict[str, torch.Tensor] = {}
 
     def factorize_group(_block: int, statistics: PairedStatistics) -> None:
-        group_spectra = decomposer.compensating(statistics, config.compensation)
+        group_spectra = decomposer.compensating(statistics, config.compensation, config.anchor)
         kept.update({name: spectrum.leading(plan.ranks[name]) for name, spectrum in group_spectra.items()
                      if plan.ranks[name] != DENSE})
         for name in list(group_spectra):
@@ -833,16 +863,17 @@ def _factorize_compensating(model, weights, targets, calibration, config, decomp
                                    {n: decomposer.diagnostics[n] for n in names}, refined)
         kept.clear()
         refined.clear()
-        if hand_over is not None:
-            hand_over(stream.block_name(index))
+        if job.hand_over is not None:
+            job.hand_over(stream.block_name(index))
 
     with progress_bar("factorize blocks (closed loop, compensating)", total=len(stream.blocks),
-                      enabled=show_progress) as advance:
+                      enabled=job.show_progress) as advance:
         advance(state.next_block)
         if state.next_block < len(stream.blocks):
             stream.run_compensating(factorize_group, block_done, refine=refine if config.refine_steps else None,
                                     progress=advance, start_block=state.next_block, hidden=state.hidden,
-                                    on_outputs=checkpoints.save_activations if checkpoints is not None else None)
+                                    on_outputs=checkpoints.save_activations if checkpoints is not None else None,
+                                    dense_gram=config.anchor > 0)
 
 
 def _measure(model, targets, budget, plan, dense_params, dense_bytes) -> dict[str, int | float]:

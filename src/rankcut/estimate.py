@@ -14,7 +14,7 @@ largest stage:
   dobi), or the head and one chunk of logits, whichever is larger;
 - **factorize and write**: one block's weights and float64 factors, or the embeddings and head when the
   last shard is written; a closed loop adds the calibration stream again (``compensate``: two of them,
-  dense and compressed, and one input group's cross-Gram).
+  dense and compressed, and one input group's cross-Gram; with an anchor its dense Gram too).
 
 On CUDA the blocks, activations and allocator work are on the device; Grams and decompositions stay on
 the host. Disk: the spectra (``U`` and ``Bfull`` in float32), two blocks' activations, what an
@@ -157,8 +157,10 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
         streams = 2 if config.closed_loop == "compensate" else 1  # compensate: the dense and the compressed path
         run_side["factorize"].update({"calibration activations": streams * activations,
                                       "block forward workspace": workspace})
-        # compensate: one group's cross-Gram X X̃ᵀ (float64 total, float32 batch product) beside the Grams
-        host_side["factorize"].update({"Grams": grams + (12 * widest ** 2 if streams == 2 else 0),
+        # compensate: one group's cross-Gram X X̃ᵀ (float64 total, float32 batch product) beside the Grams,
+        # and with an anchor the dense inputs' Gram X Xᵀ as well
+        paired = (1 + (config.anchor > 0)) * 12 * widest ** 2 if streams == 2 else 0
+        host_side["factorize"].update({"Grams": grams + paired,
                                        "decompositions": decomposition})
         if config.refine_steps:  # the block's factors with Adam's two moments, one batch's autograd tensors
             run_side["factorize"]["refinement"] = (3 * block * size + batch_tokens * (12 * hidden + 4 * intermediate) * size
