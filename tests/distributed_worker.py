@@ -50,6 +50,7 @@ def compress(args: dict, out: Path) -> None:
                                  calibration=ids, work_dir=args["work"], show_progress=False)
     (out / f"rank-{RANK}.json").write_text(json.dumps({
         "decomposed": decomposed, "plan": report.plan.to_dict()["ranks"],
+        "refined": sorted(name for name, d in report.diagnostics.items() if d.get("refinement", {}).get("kept")),
         "peak_bytes": report.memory["host_peak_bytes"] - report.memory["host_start_bytes"]}))
 
 

@@ -198,7 +198,8 @@ class BlockStream:
             if progress is not None:
                 progress(1)
 
-    def run_compensating(self, on_group: Callable[[int, PairedStatistics], None], on_block: Callable[[int], None], *,
+    def run_compensating(self, on_group: Callable[[int, tuple[str, ...], int, PairedStatistics | None], None],
+                         on_block: Callable[[int], None], *,
                          refine: Callable[[int, nn.Module, list, list, list], None] | None = None,
                          progress: Callable[..., None] | None = None, start_block: int = 0,
                          hidden: list[torch.Tensor] | None = None,
@@ -206,13 +207,14 @@ class BlockStream:
                          dense_gram: bool = False) -> None:
         """The dense model and the compressed one side by side, block by block, and within a block
         input group by input group in the order the data flows (q/k/v, then o; gate/up, then down: the
-        order the modules are called in, not their names). For each group, ``on_group(block, stats)``
-        gets the compressed path's inputs ``X̃`` (after the groups before it were replaced) with their
-        cross-Gram against the dense inputs ``X`` (and, with ``dense_gram``, the Gram of ``X``), and
-        replaces the group's modules. After the block's
-        last group, ``refine(block_index, block, compressed_inputs, dense_outputs, kwargs)`` may train
-        the block's factors, then ``on_block(block_index)`` follows. Both paths then move on: the dense
-        block's outputs and the compressed block's.
+        order the modules are called in, not their names). For each group, ``on_group(block, modules,
+        owner, stats)`` gets the compressed path's inputs ``X̃`` (after the groups before it were
+        replaced) with their cross-Gram against the dense inputs ``X`` (and, with ``dense_gram``, the Gram
+        of ``X``), and replaces the group's modules; with several processes the statistics are summed at
+        the group's ``owner`` rank as in :meth:`run` (bit for bit those of one process) and the others get
+        None. After the block's last group, ``refine(block_index, block, compressed_inputs,
+        dense_outputs, kwargs)`` may train the block's factors, then ``on_block(block_index)`` follows.
+        Both paths then move on: the dense block's outputs and the compressed block's.
 
         Resume as :meth:`run`, with ``hidden`` the dense inputs of ``start_block`` followed by the
         compressed ones, as ``on_outputs`` receives them.
@@ -233,9 +235,14 @@ class BlockStream:
             self.weights.onload([self.block_name(index)])
             names = [t.name for t in self.targets if t.block == index]
             originals = {name: self.model.get_submodule(name) for name in names}  # the dense modules
-            for group in self._groups_in_flow_order(block, dense[0], kwargs[0], names):
-                on_group(index, self._paired_statistics(block, group, originals, dense, compressed, kwargs,
-                                                        dense_gram))
+            groups = self._groups_in_flow_order(block, dense[0], kwargs[0], names)
+            owners = self.ranks.assign(groups, {t.name: t.shape for t in self.targets if t.block == index})
+            for group in groups:
+                owner = owners[group[0]]
+                statistics = self._paired_statistics(block, group, originals, dense, compressed, kwargs,
+                                                     dense_gram, owner, f"summing the compensating statistics "
+                                                     f"of block {index}")
+                on_group(index, group, owner, statistics)
             with self._swapped(originals):
                 dense_outputs = self.forward_block(block, dense, kwargs)
             if refine is not None:
@@ -277,23 +284,44 @@ class BlockStream:
     @torch.inference_mode()
     def _paired_statistics(self, block: nn.Module, group: tuple[str, ...], originals: Mapping[str, nn.Module],
                            dense: list[torch.Tensor], compressed: list[torch.Tensor],
-                           kwargs: list[dict], with_dense_gram: bool) -> PairedStatistics:
-        gram, cross, abs_sum, tokens = None, None, None, 0
-        dense_slot: list = [None, None, 0]
-        for h, h_tilde, kw in zip(dense, compressed, kwargs):
-            with self._swapped(originals):
-                x = self._input_of(block, h, kw, group[0])
-            x_tilde = self._input_of(block, h_tilde, kw, group[0])
-            slot = [gram, abs_sum, tokens]
-            _accumulate(slot, x_tilde)
-            gram, abs_sum, tokens = slot
-            if with_dense_gram:
-                _accumulate(dense_slot, x)
-            product = (x.reshape(-1, x.shape[-1]).float().T @ x_tilde.reshape(-1, x_tilde.shape[-1]).float()).double().cpu()
-            cross = product if cross is None else cross + product
-        dense_gram = _symmetric(dense_slot[0]) / tokens if with_dense_gram else None
-        return PairedStatistics(list(group), _symmetric(gram) / tokens, abs_sum / tokens, tokens, cross / tokens,
-                                dense_gram)
+                           kwargs: list[dict], with_dense_gram: bool, owner: int, what: str) -> PairedStatistics | None:
+        """The group's statistics at ``owner`` (None on other ranks), summed over the batches in batch
+        order: the ranks step through their batches together, as in :meth:`_run_block`."""
+        slot: list = [None, None, 0]  # Σ x̃x̃ᵀ (upper), Σ|x̃|, tokens
+        cross = dense_upper = None  # Σ x x̃ᵀ, Σ x xᵀ (upper)
+        zeros = None
+        for step in range(-(-self.batch_count // self.ranks.world_size)):
+            if step < len(dense):
+                with self._swapped(originals):
+                    x = self._input_of(block, dense[step], kwargs[step], group[0])
+                x_tilde = self._input_of(block, compressed[step], kwargs[step], group[0])
+                gram, abs_sum, tokens = _batch_partial(x_tilde)
+                x = x.reshape(-1, x.shape[-1]).float()
+                parts = [gram, abs_sum, x.T @ x_tilde.reshape(-1, x_tilde.shape[-1]).float()]
+                parts += [_gram_upper(x)] if with_dense_gram else []
+                zeros = [torch.zeros_like(part) for part in parts]
+            else:  # this rank has run all its batches: it sends zeros with no tokens (every rank has step 0)
+                parts, tokens = zeros, 0
+            for gram, abs_sum, product, *dense_part, count in self._gathered(
+                    [*parts, torch.tensor([tokens], device=self.device)], owner, what):
+                _add(slot, gram, abs_sum, count)
+                cross = product.double().cpu() if cross is None else cross + product.double().cpu()
+                if dense_part:
+                    part = dense_part[0].double().cpu()
+                    dense_upper = part if dense_upper is None else dense_upper + part
+        if slot[0] is None:
+            return None
+        tokens = slot[2]
+        return PairedStatistics(list(group), _symmetric(slot[0]) / tokens, slot[1] / tokens, tokens, cross / tokens,
+                                _symmetric(dense_upper) / tokens if with_dense_gram else None)
+
+    def _gathered(self, partials: list[torch.Tensor], owner: int, what: str) -> list[tuple[torch.Tensor, ...]]:
+        """Every rank's ``partials`` (the last: its token count) at ``owner``, in rank order, leaving out
+        ranks that ran no batch at this step; empty on the other ranks."""
+        received = [self.ranks.gather(part, owner, what) for part in partials]
+        if received[0] is None:
+            return []
+        return [parts for parts in zip(*received) if int(parts[-1])]
 
     def _input_of(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict, name: str) -> torch.Tensor:
         """The input module ``name`` receives when ``block`` runs on ``hidden`` (the block stops there)."""
@@ -351,12 +379,9 @@ class BlockStream:
                     gram, abs_sum, tokens = _batch_partial(found[group]) if group in found else (
                         torch.zeros(width, width, device=self.device), torch.zeros(width, device=self.device), 0)
                     what, owner = f"summing the calibration statistics of block {run.index}", run.owners[group[0]]
-                    grams = ranks.gather(gram, owner, what)
-                    abs_sums = ranks.gather(abs_sum, owner, what)
-                    counts = ranks.gather(torch.tensor([tokens], device=self.device), owner, what)
-                    for parts in zip(grams or [], abs_sums or [], counts or []):
-                        if int(parts[2]):  # a rank without a batch at this step sent nothing to add
-                            _add(accumulators.setdefault(group, [None, None, 0]), *parts)
+                    for parts in self._gathered([gram, abs_sum, torch.tensor([tokens], device=self.device)], owner,
+                                                what):
+                        _add(accumulators.setdefault(group, [None, None, 0]), *parts)
         finally:
             for handle in handles:
                 handle.remove()
@@ -427,7 +452,3 @@ def _add(slot: list, gram: torch.Tensor, abs_sum: torch.Tensor, tokens: torch.Te
         slot[1] += abs_sum
     slot[2] += int(tokens)
 
-
-def _accumulate(slot: list, tensor: torch.Tensor) -> None:
-    """Add one batch's statistics of ``tensor`` to ``slot`` (one process: the compensating pass)."""
-    _add(slot, *_batch_partial(tensor))

@@ -529,9 +529,6 @@ def _conduct(
     timings: dict[str, float] = {}
     model.eval()
     ranks = Ranks.current()
-    if ranks.world_size > 1 and config.closed_loop == "compensate":
-        raise ConfigError("closed_loop 'compensate' runs in one process for now; run it without torchrun, or "
-                          "use closed_loop 'none' or 'sequential' across processes")
     show_progress = show_progress and ranks.leader
     targets = find_targets(model, config.exclude)
     budget = Budget({t.name: t.shape for t in targets}, config.keep_ratio, config.factor_format)
@@ -833,24 +830,31 @@ def _factorize_sequential(job: _Job, plan: RankPlan) -> None:
 def _factorize_compensating(job: _Job, plan: RankPlan) -> None:
     """Factorize every target by the compensating fit (:meth:`BlockStream.run_compensating`), group by
     group, then refine each block's factors when asked (:func:`refine_block`); each block's cut factors
-    and refined parameters are checkpointed, so a rerun resumes at the first block not done."""
+    and refined parameters are checkpointed, so a rerun resumes at the first block not done. With several
+    processes each group is fitted by the rank owning its statistics, which shares the layers, and
+    refinement is data parallel."""
     stream, checkpoints, state = _closed_loop_pass(job, "compensate", plan)
     model, targets, config, decomposer = job.model, job.targets, job.config, job.decomposer
     by_name = {t.name: t for t in targets}
     kept: dict[str, Spectrum] = {}
     refined: dict[str, torch.Tensor] = {}
 
-    def factorize_group(_block: int, statistics: PairedStatistics) -> None:
-        group_spectra = decomposer.compensating(statistics, config.compensation, config.anchor)
-        kept.update({name: spectrum.leading(plan.ranks[name]) for name, spectrum in group_spectra.items()
-                     if plan.ranks[name] != DENSE})
-        for name in list(group_spectra):
-            _replace(model, by_name[name], group_spectra, plan, config.factor_format)
+    def factorize_group(_block: int, group: tuple[str, ...], owner: int, statistics: PairedStatistics | None) -> None:
+        decomposer.owners.update({name: owner for name in group})
+        if statistics is not None:  # this rank owns the group
+            group_spectra = decomposer.compensating(statistics, config.compensation, config.anchor)
+            kept.update({name: spectrum.leading(plan.ranks[name]) for name, spectrum in group_spectra.items()
+                         if plan.ranks[name] != DENSE})
+            for name in list(group_spectra):
+                _replace(model, by_name[name], group_spectra, plan, config.factor_format)
+        decomposer.share_diagnostics(list(group))
+        decomposer.share_layers(list(group), plan)
 
     def refine(index: int, block: nn.Module, inputs, outputs, kwargs) -> None:
         names = [t.name for t in targets if t.block == index and plan.ranks[t.name] != DENSE]
         report = refine_block(block, [model.get_submodule(name) for name in names], inputs, outputs, kwargs,
-                              steps=config.refine_steps, lr=config.refine_lr, seed=config.calibration.seed + index)
+                              steps=config.refine_steps, lr=config.refine_lr, seed=config.calibration.seed + index,
+                              batches=decomposer.ranks.batch_indices(stream.batch_count), ranks=decomposer.ranks)
         for name in names:
             decomposer.diagnostics[name]["refinement"] = report
             refined.update({f"{name}.{key}": p for key, p in model.get_submodule(name).named_parameters()
@@ -860,7 +864,8 @@ def _factorize_compensating(job: _Job, plan: RankPlan) -> None:
         if checkpoints is not None:
             names = [t.name for t in targets if t.block == index]
             checkpoints.save_block(index, {n: kept[n] for n in names if n in kept},
-                                   {n: decomposer.diagnostics[n] for n in names}, refined)
+                                   {n: decomposer.diagnostics[n] for n in names}, refined,
+                                   owners={n: decomposer.owners[n] for n in names})
         kept.clear()
         refined.clear()
         if job.hand_over is not None:

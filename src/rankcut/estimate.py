@@ -157,9 +157,9 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
         streams = 2 if config.closed_loop == "compensate" else 1  # compensate: the dense and the compressed path
         run_side["factorize"].update({"calibration activations": streams * activations,
                                       "block forward workspace": workspace})
-        # compensate: one group's cross-Gram X X̃ᵀ (float64 total, float32 batch product) beside the Grams,
-        # and with an anchor the dense inputs' Gram X Xᵀ as well
-        paired = (1 + (config.anchor > 0)) * 12 * widest ** 2 if streams == 2 else 0
+        # compensate: one group's cross-Gram X X̃ᵀ (float64 total, float32 batch products: one per rank at
+        # the owner) beside the Grams, and with an anchor the dense inputs' Gram X Xᵀ as well
+        paired = (1 + (config.anchor > 0)) * (8 + 4 * world_size) * widest ** 2 if streams == 2 else 0
         host_side["factorize"].update({"Grams": grams + paired,
                                        "decompositions": decomposition})
         if config.refine_steps:  # the block's factors with Adam's two moments, one batch's autograd tensors
