@@ -68,6 +68,9 @@ LOOP="--eval wikitext2:test:100 c4:validation:128 --formats pivga --calib wikite
 $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate sequential
 $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --compensations 0.5
 $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --refine-steps 32 128
+# The anchored compensating fit (--anchor 1: the dense fit on the dense inputs, equally weighted), which
+# keeps the weights the full compensating fit inflates along directions the compressed inputs lost.
+$MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --anchors 1
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate sequential
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --refine-steps 32 128
 $MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate sequential

@@ -289,7 +289,7 @@ class BlockStream:
         order: the ranks step through their batches together, as in :meth:`_run_block`."""
         slot: list = [None, None, 0]  # Σ x̃x̃ᵀ (upper), Σ|x̃|, tokens
         cross = dense_upper = None  # Σ x x̃ᵀ, Σ x xᵀ (upper)
-        zeros = None
+        shapes: list[torch.Size] = []
         for step in range(-(-self.batch_count // self.ranks.world_size)):
             if step < len(dense):
                 with self._swapped(originals):
@@ -299,9 +299,9 @@ class BlockStream:
                 x = x.reshape(-1, x.shape[-1]).float()
                 parts = [gram, abs_sum, x.T @ x_tilde.reshape(-1, x_tilde.shape[-1]).float()]
                 parts += [_gram_upper(x)] if with_dense_gram else []
-                zeros = [torch.zeros_like(part) for part in parts]
+                shapes = [part.shape for part in parts]
             else:  # this rank has run all its batches: it sends zeros with no tokens (every rank has step 0)
-                parts, tokens = zeros, 0
+                parts, tokens = [torch.zeros(shape, device=self.device) for shape in shapes], 0
             for gram, abs_sum, product, *dense_part, count in self._gathered(
                     [*parts, torch.tensor([tokens], device=self.device)], owner, what):
                 _add(slot, gram, abs_sum, count)
