@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
                              "than 1 named -compensateX)")
     parser.add_argument("--anchors", nargs="+", type=float, default=[0.0],
                         help="weights of the dense fit within the compensating one, for --closed-loops compensate "
-                             "(cells other than 0 named -anchorB)")
+                             "(default 0, the unanchored fit, whose cells have no suffix; others named -anchorB)")
     parser.add_argument("--refine-steps", nargs="+", type=int, default=[0],
                         help="block refinement steps, for --closed-loops compensate (cells named -refineN)")
     parser.add_argument("--refine-lr", type=float, default=rankcut.CompressionConfig.refine_lr)

@@ -189,8 +189,8 @@ def reproduce_command(cell: dict) -> str:
         parts.append(f"--closed-loop {config['closed_loop']}")
     if config.get("compensation", 1.0) != 1.0:
         parts.append(f"--compensation {config['compensation']:g}")
-    if config.get("anchor", 0.0):
-        parts.append(f"--anchor {config['anchor']:g}")
+    if config.get("closed_loop") == "compensate" and config.get("anchor", 0.0) != 1.0:  # the CLI default there: 1
+        parts.append(f"--anchor {config.get('anchor', 0.0):g}")
     if steps:
         parts.append(f"--refine-steps {steps} --refine-lr {config['refine_lr']:g}")
     return " ".join(parts)

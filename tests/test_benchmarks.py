@@ -205,5 +205,5 @@ def test_closed_loop_cells_get_their_own_table(tiny_folder, tmp_path):
     assert all(row["refined blocks kept"].endswith(" / 3") for row in rows if "refine" in row["closed loop"])  # 3 blocks
     assert "### Ablation" not in page  # closed-loop cells are not ablations of the open-loop cell
     cell = json.loads((results / f"{stem}-compensate0.5-refine2.json").read_text())
-    assert results_script.reproduce_command(cell).endswith("--closed-loop compensate --compensation 0.5 --refine-steps 2 "
-                                                           "--refine-lr 0.0001")
+    assert results_script.reproduce_command(cell).endswith("--closed-loop compensate --compensation 0.5 --anchor 0 "
+                                                           "--refine-steps 2 --refine-lr 0.0001")

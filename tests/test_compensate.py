@@ -151,6 +151,16 @@ def test_the_first_group_sees_the_dense_inputs_so_it_gets_the_open_loop_factors(
     torch.testing.assert_close(factors["compensate"], factors["none"], rtol=1e-4, atol=1e-5)
 
 
+def test_compensate_is_anchored_by_default_and_older_configs_keep_what_they_meant():
+    assert CompressionConfig(closed_loop="compensate").anchor == 1.0
+    assert CompressionConfig(closed_loop="compensate", anchor=0.0).anchor == 0.0
+    assert CompressionConfig().anchor == 0.0 and CompressionConfig(closed_loop="sequential").anchor == 0.0
+    saved = CompressionConfig(closed_loop="compensate").to_dict()
+    assert CompressionConfig.from_dict(saved).anchor == 1.0
+    before_anchors = {key: value for key, value in saved.items() if key != "anchor"} | {"version": 2}
+    assert CompressionConfig.from_dict(before_anchors).anchor == 0.0  # version 2 compensated unanchored
+
+
 @pytest.mark.parametrize("settings, message", [({"closed_loop": "compensating"}, "closed_loop must be one of"),
                                                ({"closed_loop": "compensate", "whitening": "none"}, "whitening"),
                                                ({"closed_loop": "compensate", "compensation": 1.5}, "in \\[0, 1\\]"),

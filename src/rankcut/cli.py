@@ -155,10 +155,10 @@ def compress(
     compensation: Annotated[float, typer.Option(
         help="with --closed-loop compensate: the share of the upstream error each module compensates, in [0, 1] "
              "(1: fit the dense outputs; 0: the module's own weight on the compressed inputs)")] = 1.0,
-    anchor: Annotated[float, typer.Option(
+    anchor: Annotated[Optional[float], typer.Option(
         help="with --closed-loop compensate: weight (>= 0) of the dense fit on the dense inputs beside the "
              "compensating one; keeps each weight where the compressed inputs lost a direction instead of "
-             "amplifying what is left of it")] = 0.0,
+             "amplifying what is left of it [default: 1 with compensate]")] = None,
     refine_steps: Annotated[int, typer.Option(
         help="with --closed-loop compensate: Adam steps per block on its factors towards the dense block's "
              "outputs, one calibration batch (--batch-size windows) per step")] = 0,
