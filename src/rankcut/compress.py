@@ -102,7 +102,7 @@ class CompressionConfig:
     closed_loop: Literal["none", "sequential", "compensate"] = "none"
     compensation: float = 1.0  # closed_loop "compensate": share of the upstream error each module compensates
     # closed_loop "compensate": weight of the dense fit ‖(W − W_k) X‖² beside the compensating one. None: 1 with
-    # compensate (SmolLM2 uniform keep 0.8: WikiText-2 42.55, C4 68.88 against 54.11 / 104.10 unanchored), else 0
+    # compensate (SmolLM2 uniform keep 0.8: WikiText-2 42.54, C4 68.88 against 54.11 / 104.10 unanchored), else 0
     anchor: float | None = None
     refine_steps: int = 0  # Adam steps per block on its factors after the compensating fit (0: none)
     refine_lr: float = 1e-4
