@@ -61,11 +61,13 @@ def _prefill_and_decode(
     out = model(input_ids=ids, use_cache=True, **extra)
     _synchronize(device)
     prefill = time.perf_counter() - start
-    past, tokens = out.past_key_values, [out.logits[:, -1:].argmax(-1)]
+    # transformers renamed past_key_values to cache during 5.x (the old name goes in 5.40): use the model's
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past, tokens = getattr(out, cache), [out.logits[:, -1:].argmax(-1)]
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(input_ids=tokens[-1], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=tokens[-1], use_cache=True, **{cache: past})
+        past = getattr(out, cache)
         tokens.append(out.logits[:, -1:].argmax(-1))
     _synchronize(device)
     return prefill, time.perf_counter() - start, torch.cat(tokens, dim=1)
