@@ -71,7 +71,8 @@ $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --refin
 # The anchored compensating fit (--anchor 1: the dense fit on the dense inputs, equally weighted), which
 # keeps the weights the full compensating fit inflates along directions the compressed inputs lost.
 $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --anchors 1
-# The candidate best pipeline at keep 0.8: the default allocator with the anchored fit and refinement.
+# The candidate best pipelines at keep 0.8: the default allocator with the anchored fit, and with refinement.
+$MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --anchors 1
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --anchors 1 --refine-steps 32
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate sequential
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --refine-steps 32 128
