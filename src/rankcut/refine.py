@@ -30,8 +30,8 @@ def factor_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     return [p for module in modules for name, p in module.named_parameters() if name != "bias"]
 
 
-def _in_batch_order(values: list[tuple[int, float, float]], ranks: Ranks, what: str) -> list[tuple[int, float, float]]:
-    """Every rank's ``(batch, a, b)`` triples, sorted by batch."""
+def _in_batch_order(values: list[tuple], ranks: Ranks, what: str) -> list[tuple]:
+    """Every rank's ``(batch, ...)`` tuples, sorted by batch."""
     return sorted(value for share in ranks.all_gather_object(values, what) for value in share)
 
 
@@ -70,9 +70,9 @@ def refine_block(block: nn.Module, modules: list[nn.Module], inputs: list[torch.
         parameter.requires_grad_(False)
     for parameter in parameters:
         parameter.requires_grad_(True)
-    means = _in_batch_order([(batch, float(y.double().square().mean()), 0.0) for batch, y in zip(batches, targets)],
+    means = _in_batch_order([(batch, float(y.double().square().mean())) for batch, y in zip(batches, targets)],
                             ranks, "sharing the dense outputs' scale")
-    scale = sum(mean for _, mean, _ in means) / len(means)
+    scale = sum(mean for _, mean in means) / len(means)
     local = {batch: position for position, batch in enumerate(batches)}
     optimizer = torch.optim.Adam(parameters, lr=lr)
     generator = torch.Generator().manual_seed(seed)
