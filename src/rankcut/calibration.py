@@ -126,7 +126,8 @@ class BlockStream:
         self.ranks = ranks or Ranks()
         every = list(calibration.split(batch_size))
         self.batch_count = len(every)
-        self.batches = [every[b] for b in self.ranks.batch_indices(self.batch_count)]  # this rank's share
+        self.batch_indices = self.ranks.batch_indices(self.batch_count)  # this rank's share, among all batches
+        self.batches = [every[b] for b in self.batch_indices]
 
     def block_name(self, index: int) -> str:
         return f"{self.prefix}.{index}"

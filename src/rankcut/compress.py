@@ -862,7 +862,7 @@ def _factorize_compensating(job: _Job, plan: RankPlan) -> None:
         names = [t.name for t in targets if t.block == index and plan.ranks[t.name] != DENSE]
         report = refine_block(block, [model.get_submodule(name) for name in names], inputs, outputs, kwargs,
                               steps=config.refine_steps, lr=config.refine_lr, seed=config.calibration.seed + index,
-                              batches=decomposer.ranks.batch_indices(stream.batch_count), ranks=decomposer.ranks)
+                              batches=stream.batch_indices, ranks=decomposer.ranks)
         for name in names:
             decomposer.diagnostics[name]["refinement"] = report
             refined.update({f"{name}.{key}": p for key, p in model.get_submodule(name).named_parameters()
