@@ -138,6 +138,26 @@ def test_interrupted_run_resumes_to_an_identical_result(tmp_path, decompositions
     assert torch.equal(logits(model), logits(reference))
 
 
+def test_work_folder_of_the_single_activations_layout_resumes(tmp_path, decompositions):
+    """Folders made before the parity pair hold one ``activations.safetensors``: they resume, not restart."""
+    reference, expected = run_compress()
+    decompositions.calls.clear()
+    decompositions.crash_at = 2
+    with pytest.raises(Crash):
+        run_compress(tmp_path / "work")
+    spectra = tmp_path / "work" / "spectra"
+    *older, newest = sorted(spectra.glob("activations-*.safetensors"), key=lambda p: p.stat().st_mtime)
+    newest.rename(spectra / "activations.safetensors")
+    for path in older:
+        path.unlink()
+    decompositions.calls.clear()
+    decompositions.crash_at = None
+    model, report = run_compress(tmp_path / "work")
+    assert decompositions.calls == [2]
+    assert report.plan.to_dict() == expected.plan.to_dict()
+    assert torch.equal(logits(model), logits(reference))
+
+
 def test_resume_after_allocation_skips_calibration_and_allocation(tmp_path, decompositions, monkeypatch):
     reference, expected = run_compress()
 

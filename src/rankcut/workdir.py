@@ -9,7 +9,8 @@ A work folder holds::
     spectra/activations-P.safetensors the inputs of the next block to run and its index (metadata; P
                                     its parity: the state one block back stays, so the ranks of a
                                     distributed run can resume at the block they all reached); no
-                                    tensors once every block is done
+                                    tensors once every block is done (folders made before this pair
+                                    hold one activations.safetensors, which is read too)
     plan.json                       the rank plan, once allocated
     sequential/..., compensate/...  the closed-loop factorize pass, laid out like spectra/ (factors
                                     cut to the planned ranks; compensate's activations hold the dense
@@ -51,6 +52,7 @@ RUN_FILE = "run.json"
 PLAN_FILE = "plan.json"
 LOCK_FILE = "lock"
 ACTIVATIONS = "activations-{parity}.safetensors"
+LEGACY_ACTIVATIONS = "activations.safetensors"  # the one file of folders made before the parity pair (fba9bd0)
 REFINED = "refined:"  # key prefix of a block checkpoint's refined parameters
 
 
@@ -222,8 +224,8 @@ class BlockCheckpoints:
         the block this folder reached into the one every process of the run reached (the smallest); the
         state one block back is kept for that."""
         saved = {}
-        for parity in (0, 1):
-            path = self.folder / ACTIVATIONS.format(parity=parity)
+        for name in (LEGACY_ACTIVATIONS, *(ACTIVATIONS.format(parity=parity) for parity in (0, 1))):
+            path = self.folder / name
             if path.is_file():
                 try:
                     with safe_open(path, "pt") as handle:
