@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +74,17 @@ def zeroshot_summary(row: dict) -> tuple[float, float | None, tuple[str, ...], i
     return mean, stderr, tuple(sorted(tasks)), zeroshot["limit"]
 
 
-def accuracy_text(summary: tuple | None, reference: tuple | None = None, name: str = "dense") -> str:
-    """``mean ± stderr``, with ``(≈ name)`` where it differs from ``reference``'s mean by less than twice
-    their combined standard error: no significant difference."""
+def accuracy_text(summary: tuple | None, references: Sequence[tuple[str, tuple | None]] = ()) -> str:
+    """``mean ± stderr``, with ``(≈ name)`` for each ``(name, summary)`` reference whose mean it differs from
+    by less than twice their combined standard error: no significant difference."""
     if summary is None:
         return MISSING
     mean, stderr = summary[:2]
     text = f"{mean:.4f}" if stderr is None else f"{mean:.4f} ± {stderr:.4f}"
-    if reference is not None and reference is not summary and None not in (stderr, reference[1]):
-        if abs(mean - reference[0]) < 2 * math.hypot(stderr, reference[1]):
-            text += f" (≈ {name})"
-    return text
+    alike = [name for name, reference in references
+             if reference is not None and reference is not summary and None not in (stderr, reference[1])
+             and abs(mean - reference[0]) < 2 * math.hypot(stderr, reference[1])]
+    return text + (f" (≈ {', ≈ '.join(alike)})" if alike else "")
 
 
 def speed_text(row: dict, key: str) -> str:
@@ -199,26 +199,30 @@ def reproduce_command(cell: dict) -> str:
 def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
     """Dense and, per keep ratio, the best pipeline: the lowest WikiText-2 test perplexity over the most
     windows any cell of that keep ratio was measured on (the full split where one was), with what it
-    costs and the command that makes it."""
+    costs and the command that makes it; above it, uniform truncation at the same setting for reference."""
     keeps = sorted({c["report"]["config"]["keep_ratio"] for c in cells}, reverse=True)
-    best = []
+    rows: list[tuple[dict, str]] = [(dense, "")] if dense else []  # (row, role)
     for keep in keeps:
         group = [c for c in cells if c["report"]["config"]["keep_ratio"] == keep and perplexities(c, "wikitext2", "test")]
         if group:
             windows = max(w for c in group for w in perplexities(c, "wikitext2", "test"))
             measured = [c for c in group if windows in perplexities(c, "wikitext2", "test")]
-            best.append(min(measured, key=lambda c: perplexities(c, "wikitext2", "test")[windows]))
-    if not best:
+            best = min(measured, key=lambda c: perplexities(c, "wikitext2", "test")[windows])
+            uniform = untagged_cell(cells, "uniform", setting(best))
+            if uniform is not None and uniform is not best:
+                rows.append((uniform, "reference"))
+            rows.append((best, "best"))
+    if len(rows) <= (1 if dense else 0):
         return []
-    rows = ([dense] if dense else []) + best
-    reference = zeroshot_summary(dense) if dense else None
+    summaries = {id(row): zeroshot_summary(row) for row, _ in rows}
 
     def ppl(row: dict, dataset: str, split: str) -> str:
         figures = perplexities(row, dataset, split)
         return f"{figures[max(figures)]:.2f} ({max(figures)})" if figures else MISSING
 
     body = []
-    for row in rows:
+    for index, (row, role) in enumerate(rows):
+        references = [("dense", summaries[id(dense)])] if dense else []
         if row is dense:
             pipeline, keep, params, size, seconds, peak, command = "dense", "1", MISSING, MISSING, MISSING, MISSING, MISSING
             if "speed" in row:
@@ -229,12 +233,16 @@ def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
             pipeline = " + ".join([config["allocator"] + (f" `{tag(row)}`" if tag(row) and mode == "none" else ""),
                                    *([f"closed loop {mode}"] if mode != "none" else []),
                                    *([f"refine {steps}"] if steps else []), config["factor_format"]])
+            if role == "reference":
+                pipeline += " (reference)"
+            elif index and rows[index - 1][1] == "reference":
+                references.append(("uniform", summaries[id(rows[index - 1][0])]))
             keep = f"{config['keep_ratio']:g}"
             params, size = f"{measured['model_params']:,}", f"{measured['weight_bytes'] / 2**20:.0f}"
             seconds, peak = f"{row['compress_seconds']:.0f}", f"{row['report']['peak_memory_bytes'] / 2**30:.2f}"
             command = f"`{reproduce_command(row)}`"
         body.append([pipeline, keep, ppl(row, "wikitext2", "test"), ppl(row, "c4", "validation"),
-                     accuracy_text(zeroshot_summary(row), reference), params, size, seconds, peak,
+                     accuracy_text(summaries[id(row)], references), params, size, seconds, peak,
                      "1.00" if row is dense else speed_text(row, "prefill_speedup"),
                      "1.00" if row is dense else speed_text(row, "decode_speedup"), command])
     return ["### Headline: dense and the best pipeline per keep ratio", "",
@@ -243,8 +251,11 @@ def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
                      "command"], body),
             "", "The best pipeline of a keep ratio has the lowest WikiText-2 test perplexity over the most windows any "
             "cell of that ratio was measured on (the full split, where one was); C4 over its windows; the rest of the "
-            "page holds every cell. A command gives the row's settings to today's code: rows measured before a "
-            "method changed (the README's results section says which) need not come out the same.", ""]
+            "page holds every cell. `(reference)`: uniform truncation with the best pipeline's format and "
+            "calibration, open loop. Zero-shot: 8-task mean ± its standard error; `(≈ dense)`, `(≈ uniform)`: within "
+            "twice the combined standard error of that row's, no significant difference. A command gives the row's "
+            "settings to today's code: rows measured before a method changed (the README's results section says "
+            "which) need not come out the same.", ""]
 
 
 def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
@@ -266,7 +277,7 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
             return MISSING
         summary = zeroshot[id(row)]
         other = f" ({len(summary[2])} tasks, {limit_text(summary[3])})" if summary[2:] != common else ""
-        return accuracy_text(summary, zeroshot.get(id(dense)) if dense else None) + other
+        return accuracy_text(summary, [("dense", zeroshot.get(id(dense)) if dense else None)]) + other
 
     def speedup(row: dict, key: str) -> str:
         if row is dense:
@@ -408,7 +419,7 @@ def allocator_tables(dense: dict | None, cells: list[dict]) -> list[str]:
             closed = None if row is dense or name == "uniform" else gap_closed(row, cells, dense)
             allocate = None if row is dense else row["report"]["timings"].get("allocate")
             body.append([name, *(fmt(ppl(row, p), ".2f") for p in PPL_COLUMNS), fmt(closed, ".0%"),
-                         accuracy_text(zeroshot_summary(row), zeroshot_summary(dense) if dense else None),
+                         accuracy_text(zeroshot_summary(row), [("dense", zeroshot_summary(dense) if dense else None)]),
                          fmt(allocate, ".1f"), *(speed_text(row, k) for k in ("prefill_speedup", "decode_speedup"))])
         headers = [f"{PPL_COLUMNS[p]}, {windows[p]} windows" if windows[p] else PPL_COLUMNS[p] for p in PPL_COLUMNS]
         factor_format, whitening, keep, dataset = cell_setting

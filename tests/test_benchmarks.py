@@ -111,10 +111,13 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     compression = table_rows(page, "cell", after="### Compression")
     assert len(compression) == 3 and all(0 < float(r["held at start GiB"]) <= float(r["peak GiB"]) for r in compression)
     assert (tmp_path / "figures" / "pareto-results-wikitext2-test-2.png").is_file()
-    headline = table_rows(page, "pipeline")  # dense and the best cell of keep 0.6 by WikiText-2
+    headline = table_rows(page, "pipeline")  # dense, uniform for reference, the best cell of keep 0.6 by WikiText-2
     best = min(rows[1:], key=lambda row: float(row[wikitext]))
-    assert [r["pipeline"].split(" + ")[0] for r in headline] == ["dense", best["allocator"]]
-    assert headline[1]["command"].startswith("`rankcut compress --model ") and "--keep 0.6" in headline[1]["command"]
+    expected = ["dense", best["allocator"]] if best["allocator"] == "uniform" else ["dense", "uniform", best["allocator"]]
+    assert [r["pipeline"].split(" + ")[0] for r in headline] == expected
+    assert headline[-1]["command"].startswith("`rankcut compress --model ") and "--keep 0.6" in headline[-1]["command"]
+    if len(headline) == 3:
+        assert headline[1]["pipeline"].endswith("(reference)") and not headline[2]["pipeline"].endswith("(reference)")
 
     results_script.main(["--results", str(results), "--out", str(out)])  # 2 items per task: under the default 500
     assert all(row["zero-shot avg acc"] == "—" for row in table_rows(out.read_text(), "allocator"))
@@ -207,3 +210,14 @@ def test_closed_loop_cells_get_their_own_table(tiny_folder, tmp_path):
     cell = json.loads((results / f"{stem}-compensate0.5-refine2.json").read_text())
     assert results_script.reproduce_command(cell).endswith("--closed-loop compensate --compensation 0.5 --anchor 0 "
                                                            "--refine-steps 2 --refine-lr 0.0001")
+
+
+def test_zero_shot_marks_each_reference_within_twice_the_combined_standard_error():
+    accuracy_text = script("make_results").accuracy_text
+    dense, uniform = (0.40, 0.01), (0.35, 0.01)
+    references = [("dense", dense), ("uniform", uniform)]
+    # twice the combined standard error: 2·hypot(0.01, 0.01) ≈ 0.028
+    assert accuracy_text((0.38, 0.01), references) == "0.3800 ± 0.0100 (≈ dense)"  # 0.02 from dense, 0.03 from uniform
+    assert accuracy_text((0.355, 0.01), references) == "0.3550 ± 0.0100 (≈ uniform)"
+    assert accuracy_text((0.375, 0.01), references) == "0.3750 ± 0.0100 (≈ dense, ≈ uniform)"
+    assert accuracy_text((0.30, 0.01), [("dense", dense), ("uniform", None)]) == "0.3000 ± 0.0100"
