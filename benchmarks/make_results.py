@@ -245,8 +245,7 @@ def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
                      accuracy_text(summaries[id(row)], references), params, size, seconds, peak,
                      "1.00" if row is dense else speed_text(row, "prefill_speedup"),
                      "1.00" if row is dense else speed_text(row, "decode_speedup"), command])
-    return ["### Headline: dense and the best pipeline per keep ratio", "",
-            *render(["pipeline", "keep", "WikiText-2 test ppl (windows)", "C4 ppl (windows)", "zero-shot avg acc",
+    return [*render(["pipeline", "keep", "WikiText-2 test ppl (windows)", "C4 ppl (windows)", "zero-shot avg acc",
                      "parameters", "weights MiB", "compress s", "peak GiB", "prefill ×dense", "decode ×dense",
                      "command"], body),
             "", "The best pipeline of a keep ratio has the lowest WikiText-2 test perplexity over the most windows any "
@@ -492,7 +491,9 @@ def section(folder: Path, figures: Path) -> list[str]:
     cells.sort(key=sort_key)
     rows: list[dict[str, Any]] = ([dense] if dense else []) + cells
     model = rows[0]["model"] if rows else folder.name
-    lines = [f"## {model}", "", *headline_table(dense, cells), *summary_table(dense, cells), "",
+    headline = headline_table(dense, cells)
+    lines = [f"## {model}", "", *(["### Headline: dense and the best pipeline per keep ratio", "", *headline] if headline else []),
+             *summary_table(dense, cells), "",
              *allocator_tables(dense, cells),
              *ablation_tables(cells), *closed_loop_tables(cells)]
     for title, table in (("Zero-shot accuracy per task", zeroshot_table(rows)),
@@ -519,6 +520,16 @@ def section(folder: Path, figures: Path) -> list[str]:
     return lines
 
 
+def readme_block(text: str, folder: Path, headline: list[str]) -> str:
+    """``text`` with the lines between ``<!-- headline NAME -->`` and ``<!-- /headline NAME -->`` (NAME: the
+    results folder's name) replaced by ``headline``, so the README shows the table RESULTS.md shows."""
+    start, end = f"<!-- headline {folder.name} -->", f"<!-- /headline {folder.name} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"the README has no '{start}' ... '{end}' block for {folder}")
+    before, rest = text.split(start, 1)
+    return "\n".join([before + start, "", *headline, end]) + rest.split(end, 1)[1]
+
+
 def main(argv: list[str] | None = None) -> None:
     global min_zeroshot_items
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -527,6 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
     parser.add_argument("--title", default="SmolLM2-135M", help="page title; each results folder gets a section")
     parser.add_argument("--command", default="", help="the command that produced the cells, recorded in the page")
+    parser.add_argument("--readme", type=Path, help="also write each folder's headline table into this file's "
+                        "<!-- headline NAME --> ... <!-- /headline NAME --> block (NAME: the folder's name)")
     parser.add_argument("--min-zeroshot-items", type=int, default=DEFAULT_MIN_ZEROSHOT_ITEMS,
                         help="zero-shot figures over fewer items per task are not shown")
     args = parser.parse_args(argv)
@@ -542,6 +555,12 @@ def main(argv: list[str] | None = None) -> None:
     for folder in args.results:
         lines += section(folder, figures)
     args.out.write_text("\n".join(lines))
+    if args.readme:
+        text = args.readme.read_text()
+        for folder in args.results:
+            dense, cells = load_cells(folder)
+            text = readme_block(text, folder, headline_table(dense, sorted(cells, key=sort_key)))
+        args.readme.write_text(text)
     print(args.out.read_text())
 
 

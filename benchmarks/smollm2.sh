@@ -85,5 +85,5 @@ $MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate
     --artifact "$ARTIFACTS/cli-uniform-pivga-keep0.8" -- --model smollm2-135m --keep 0.8 --allocator uniform \
     --whitening cholesky --calib wikitext2 --calib-split validation --nsamples 256 --seqlen 512
 
-python benchmarks/make_results.py --results $R --out benchmarks/RESULTS.md --title SmolLM2-135M \
+python benchmarks/make_results.py --results $R --out benchmarks/RESULTS.md --title SmolLM2-135M --readme README.md \
     --command "bash benchmarks/smollm2.sh"

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -80,8 +82,10 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     matrix.main(quality + ["--allocators", "zerosum", "--tag=-floor",
                            "--allocator-options", '{"zerosum": {"min_rank_ratio": 0.3}}'])
 
-    out = tmp_path / "RESULTS.md"
-    results_script.main(["--results", str(results), "--out", str(out), "--min-zeroshot-items", "2"])
+    out, readme = tmp_path / "RESULTS.md", tmp_path / "README.md"
+    readme.write_text("intro\n<!-- headline results -->\nstale table\n<!-- /headline results -->\nafter\n")
+    results_script.main(["--results", str(results), "--out", str(out), "--min-zeroshot-items", "2",
+                         "--readme", str(readme)])
     page = out.read_text()
     rows = table_rows(page, "allocator")
     assert [row["allocator"] for row in rows] == ["dense", "uniform", "zerosum", "zerosum `-floor`"]
@@ -118,6 +122,12 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     assert headline[-1]["command"].startswith("`rankcut compress --model ") and "--keep 0.6" in headline[-1]["command"]
     if len(headline) == 3:
         assert headline[1]["pipeline"].endswith("(reference)") and not headline[2]["pipeline"].endswith("(reference)")
+    written = readme.read_text()  # the README's block holds the same headline table
+    assert table_rows(written, "pipeline") == headline and "stale table" not in written
+    assert written.startswith("intro\n<!-- headline results -->\n") and written.endswith("<!-- /headline results -->\nafter\n")
+    readme.write_text("no block here\n")
+    with pytest.raises(SystemExit, match="no '<!-- headline results -->'"):
+        results_script.main(["--results", str(results), "--out", str(out), "--readme", str(readme)])
 
     results_script.main(["--results", str(results), "--out", str(out)])  # 2 items per task: under the default 500
     assert all(row["zero-shot avg acc"] == "—" for row in table_rows(out.read_text(), "allocator"))
