@@ -231,3 +231,18 @@ def test_zero_shot_marks_each_reference_within_twice_the_combined_standard_error
     assert accuracy_text((0.355, 0.01), references) == "0.3550 ± 0.0100 (≈ uniform)"
     assert accuracy_text((0.375, 0.01), references) == "0.3750 ± 0.0100 (≈ dense, ≈ uniform)"
     assert accuracy_text((0.30, 0.01), [("dense", dense), ("uniform", None)]) == "0.3000 ± 0.0100"
+
+
+def test_headline_adds_the_calibration_a_cached_cell_skipped():
+    calibration_seconds = script("make_results").calibration_seconds
+
+    def cell(seconds: float, whitening: str = "cholesky", dataset: str = "wikitext2") -> dict:
+        config = {"whitening": whitening, "calibration": {"dataset": dataset, "nsamples": 256, "seqlen": 512}}
+        return {"report": {"config": config, "timings": {"calibrate + decompose": seconds}}}
+
+    computed, slower, cached = cell(567.0), cell(1551.0), cell(2.4)
+    others = [cell(570.0, dataset="c4"), cell(34.0, whitening="none")]
+    cells = [computed, slower, cached, *others]
+    assert calibration_seconds(cached, cells) == 567.0  # the fastest cell that computed spectra of its setting
+    assert calibration_seconds(computed, cells) is None  # it calibrated itself
+    assert calibration_seconds(cached, [cached, *others]) is None  # no cell of its setting computed them
