@@ -505,8 +505,8 @@ def compression_table(cells: list[dict]) -> list[str]:
     return detail_table(cells, columns) if cells else []
 
 
-def section(folder: Path, figures: Path) -> list[str]:
-    """Tables and plots of one results folder (one model)."""
+def section(folder: Path, figures: Path) -> tuple[list[str], list[str]]:
+    """Tables and plots of one results folder (one model), and its headline table alone."""
     dense, cells = load_cells(folder)
     cells.sort(key=sort_key)
     rows: list[dict[str, Any]] = ([dense] if dense else []) + cells
@@ -537,7 +537,7 @@ def section(folder: Path, figures: Path) -> list[str]:
         name = f"ranks-{folder.name}.png"
         plot_ranks(dict(list(plans.items())[:4]), figures / name)
         lines += [f"![ranks per layer and module type](figures/{name})", ""]
-    return lines
+    return lines, headline
 
 
 def readme_block(text: str, folder: Path, headline: list[str]) -> str:
@@ -572,15 +572,15 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["```bash", args.command, "```", ""]
     figures = args.out.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
+    readme = args.readme.read_text() if args.readme else ""
     for folder in args.results:
-        lines += section(folder, figures)
+        tables, headline = section(folder, figures)
+        lines += tables
+        if args.readme:
+            readme = readme_block(readme, folder, headline)
     args.out.write_text("\n".join(lines))
     if args.readme:
-        text = args.readme.read_text()
-        for folder in args.results:
-            dense, cells = load_cells(folder)
-            text = readme_block(text, folder, headline_table(dense, sorted(cells, key=sort_key)))
-        args.readme.write_text(text)
+        args.readme.write_text(readme)
     print(args.out.read_text())
 
 
