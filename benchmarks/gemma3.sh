@@ -22,5 +22,13 @@ $MATRIX $COMPARE --allocators zerosum --formats pivga --keeps 0.8
 # Uniform with plain factors at the same budget.
 $MATRIX $COMPARE --allocators uniform --formats plain --keeps 0.8
 
+# Headline (issue 21): dense, zerosum and uniform for reference at keep 0.8 over the full WikiText-2 test
+# split, zero-shot on 500 items per task (all where a task has fewer), and speed as the median of 5
+# interleaved dense/compressed rounds. Each cell gets only what it lacks (from its artifact, or compressed
+# again and checked to give its stored plan).
+HEAD="--eval wikitext2:test wikitext2:test:100 c4:validation:128 --zeroshot --zeroshot-limit 500 --speed --speed-rounds 5"
+$MATRIX --dense $HEAD --calib wikitext2:validation --artifacts $ARTIFACTS --allocators uniform zerosum --formats pivga \
+    --keeps 0.8
+
 python benchmarks/make_results.py --results $R --out benchmarks/RESULTS-gemma3.md --title "Gemma 3 270M" \
-    --command "bash benchmarks/gemma3.sh"
+    --readme README.md --command "bash benchmarks/gemma3.sh"

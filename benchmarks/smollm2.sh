@@ -79,6 +79,22 @@ $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --refin
 $MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate sequential
 $MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate --refine-steps 32 128
 
+# Issue 18's training for the learned allocators (one epoch over the calibration windows, whole windows,
+# decayed steps, read out from averaged parameters), tagged -epoch1 beside the cells of the old training.
+EPOCH="--eval wikitext2:test:100 c4:validation:128 --formats pivga --calib wikitext2:validation --artifacts $ARTIFACTS"
+$MATRIX $EPOCH --allocators fermigrad --keeps 0.8 --tag=-epoch1 --allocator-options '{"fermigrad": {"epochs": 1}}'
+$MATRIX $EPOCH --allocators ara --keeps 0.6 --tag=-epoch1 --allocator-options '{"ara": {"epochs": 1}}'
+
+# Headline (issue 21): dense, the best pipeline per keep ratio and uniform for reference over the full
+# WikiText-2 test split, zero-shot on 500 items per task (all where a task has fewer), and speed as the
+# median of 5 interleaved dense/compressed rounds. Each cell gets only what it lacks, from its artifact.
+HEAD="--eval wikitext2:test wikitext2:test:100 c4:validation:128 --zeroshot --zeroshot-limit 500 --speed --speed-rounds 5"
+HEAD="$HEAD --formats pivga --calib wikitext2:validation --artifacts $ARTIFACTS"
+$MATRIX --dense $HEAD --allocators uniform zerosum --keeps 0.8
+$MATRIX $HEAD --allocators zerosum --keeps 0.8 --closed-loops compensate --anchors 1
+$MATRIX $HEAD --allocators uniform --keeps 0.6
+$MATRIX $HEAD --allocators ara --keeps 0.6 --tag=-epoch1 --allocator-options '{"ara": {"epochs": 1}}'
+
 # The compression core's command as a user runs it, timed end to end in a fresh process (model load,
 # calibration, decomposition, save), then the artifact's perplexity on the first 100 test windows.
 [ -f $R/cli-uniform-pivga-keep0.8.json ] || python benchmarks/time_cli.py --out $R/cli-uniform-pivga-keep0.8.json \
