@@ -91,8 +91,8 @@ def allocate(problem: SeparableProblem, name: str, options: dict, keep: float, f
 
 
 # Steps each needs on this problem (measured): fermigrad 200; ara 1000 (at lr 0.05 200 steps closed 71-87%);
-# dobi 1000 at a penalty of 20 (97-100%). At Dobi-SVD's penalty of 200, stiff for this loss's scale, 3000 steps close only
-# 91-99%, too near the bar to hold across thread counts.
+# dobi 1000 at a penalty of 20 (97-100%). At Dobi-SVD's penalty of 200, stiff for this loss's scale, 3000 steps
+# close only 91-99%, too near the bar to hold across thread counts.
 LEARNED = {"fermigrad": {"steps": 200, "batch_size": 1}, "ara": {"steps": 1000, "batch_size": 1},
            "dobi": {"steps": 1000, "batch_size": 1, "penalty": 20.0}}
 
