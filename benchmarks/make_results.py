@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +74,28 @@ def zeroshot_summary(row: dict) -> tuple[float, float | None, tuple[str, ...], i
     return mean, stderr, tuple(sorted(tasks)), zeroshot["limit"]
 
 
-def accuracy_text(summary: tuple | None, references: Sequence[tuple[str, tuple | None]] = ()) -> str:
-    """``mean ± stderr``, with ``(≈ name)`` for each ``(name, summary)`` reference whose mean it differs from
-    by less than twice their combined standard error: no significant difference."""
+def accuracy_text(summary: tuple | None, references: Sequence[tuple[str, tuple | None]] = (),
+                  common: tuple | None = None) -> str:
+    """``mean ± stderr``, with ``(≈ name)`` for each ``(name, summary)`` reference over the same tasks and
+    limit whose mean it differs from by less than twice their combined standard error: no significant
+    difference. A summary over other tasks or another limit than ``common`` says which."""
     if summary is None:
         return MISSING
     mean, stderr = summary[:2]
     text = f"{mean:.4f}" if stderr is None else f"{mean:.4f} ± {stderr:.4f}"
     alike = [name for name, reference in references
-             if reference is not None and reference is not summary and None not in (stderr, reference[1])
-             and abs(mean - reference[0]) < 2 * math.hypot(stderr, reference[1])]
-    return text + (f" (≈ {', ≈ '.join(alike)})" if alike else "")
+             if reference is not None and reference is not summary and reference[2:] == summary[2:]
+             and None not in (stderr, reference[1]) and abs(mean - reference[0]) < 2 * math.hypot(stderr, reference[1])]
+    text += f" (≈ {', ≈ '.join(alike)})" if alike else ""
+    if common is not None and summary[2:] != common:
+        text += f" ({len(summary[2])} tasks, {limit_text(summary[3])})"
+    return text
+
+
+def most_common_zeroshot(summaries: Iterable[tuple | None]) -> tuple | None:
+    """The (tasks, limit) most rows were evaluated on: the setting the others are flagged against."""
+    counts = Counter(s[2:] for s in summaries if s is not None).most_common(1)
+    return counts[0][0] if counts else None
 
 
 def speed_text(row: dict, key: str) -> str:
@@ -232,6 +243,7 @@ def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
     if len(rows) <= (1 if dense else 0):
         return []
     summaries = {id(row): zeroshot_summary(row) for row, _ in rows}
+    common = most_common_zeroshot(summaries.values())
 
     def ppl(row: dict, dataset: str, split: str) -> str:
         figures = perplexities(row, dataset, split)
@@ -261,7 +273,7 @@ def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
                 seconds += f" + {calibration:.0f}‡"
             command = f"`{reproduce_command(row)}`"
         body.append([pipeline, keep, ppl(row, "wikitext2", "test"), ppl(row, "c4", "validation"),
-                     accuracy_text(summaries[id(row)], references), params, size, seconds, peak,
+                     accuracy_text(summaries[id(row)], references, common), params, size, seconds, peak,
                      "1.00" if row is dense else speed_text(row, "prefill_speedup"),
                      "1.00" if row is dense else speed_text(row, "decode_speedup"), command])
     return [*render(["pipeline", "keep", "WikiText-2 test ppl (windows)", "C4 ppl (windows)", "zero-shot avg acc",
@@ -271,8 +283,9 @@ def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
             "cell of that ratio was measured on (the full split, where one was); C4 over its windows; the rest of the "
             "page holds every cell. `compress s`: the whole compression; ‡ marks a cell that read cached spectra, "
             "with the calibration time of the fastest cell that computed them added. `(reference)`: uniform truncation with the best pipeline's format and "
-            "calibration, open loop. Zero-shot: 8-task mean ± its standard error; `(≈ dense)`, `(≈ uniform)`: within "
-            "twice the combined standard error of that row's, no significant difference. A command gives the row's "
+            "calibration, open loop. Zero-shot: mean over the tasks ± its standard error; `(≈ dense)`, `(≈ uniform)`: "
+            "within twice the combined standard error of that row's over the same tasks and items, no significant "
+            "difference; a row over other tasks or items than most says which. A command gives the row's "
             "settings to today's code: rows measured before a method changed (the README's results section says "
             "which) need not come out the same.", ""]
 
@@ -285,18 +298,13 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
     triples = sorted(measured, key=lambda t: (order.index(t[:2]) if t[:2] in order else len(order), t[:2], -t[2]))
     ppl_columns = {t: f"{PPL_COLUMNS.get(t[:2], f'{t[0]} {t[1]} ppl')}, {t[2]} windows" for t in triples}
     zeroshot = {id(r): s for r in rows if (s := zeroshot_summary(r))}
-    common = Counter(s[2:] for s in zeroshot.values()).most_common(1)
-    common = common[0][0] if common else None
+    common = most_common_zeroshot(zeroshot.values())
 
     def ppl(row: dict, triple: tuple[str, str, int]) -> str:
         return fmt(perplexities(row, *triple[:2]).get(triple[2]), ".2f")
 
     def accuracy(row: dict) -> str:
-        if id(row) not in zeroshot:
-            return MISSING
-        summary = zeroshot[id(row)]
-        other = f" ({len(summary[2])} tasks, {limit_text(summary[3])})" if summary[2:] != common else ""
-        return accuracy_text(summary, [("dense", zeroshot.get(id(dense)) if dense else None)]) + other
+        return accuracy_text(zeroshot.get(id(row)), [("dense", zeroshot.get(id(dense)) if dense else None)], common)
 
     def speedup(row: dict, key: str) -> str:
         if row is dense:

@@ -233,6 +233,18 @@ def test_zero_shot_marks_each_reference_within_twice_the_combined_standard_error
     assert accuracy_text((0.30, 0.01), [("dense", dense), ("uniform", None)]) == "0.3000 ± 0.0100"
 
 
+def test_zero_shot_over_other_tasks_is_flagged_and_not_compared():
+    results_script = script("make_results")
+    eight, seven = tuple(f"task{i}" for i in range(8)), tuple(f"task{i}" for i in range(7))
+    dense, partial = (0.40, 0.01, eight, 500), (0.39, 0.01, seven, 500)
+    common = results_script.most_common_zeroshot([dense, (0.38, 0.01, eight, 500), partial, None])
+    assert common == (eight, 500)
+    # 0.01 from dense would be "≈ dense" over the same tasks; over seven of them it is no comparison at all
+    text = results_script.accuracy_text
+    assert text(partial, [("dense", dense)], common) == "0.3900 ± 0.0100 (7 tasks, first 500 items per task)"
+    assert text(dense[:2] + (eight, None), [], common) == "0.4000 ± 0.0100 (8 tasks, all items)"
+
+
 def test_headline_adds_the_calibration_a_cached_cell_skipped():
     calibration_seconds = script("make_results").calibration_seconds
 
