@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from rankcut.evaluation.zeroshot import task_average
 from rankcut.plan import RankPlan
 from rankcut.plots import plot_pareto, plot_ranks
 
+# The closed-loop part of a cell's name, as compress_matrix.py writes it (-compensate0.5-anchor1-refine32).
+CLOSED_LOOP_SUFFIX = re.compile(r"^-(?:sequential|compensate[\d.]*(?:-anchor[\d.]+)?(?:-refine\d+)?)")
 MISSING = "—"
 # Zero-shot figures over fewer items per task than this are not shown: at 25 items a task's accuracy
 # swings by ±0.1 and the dense model averaged below compressed ones (issue 21). `main` sets the figure in
@@ -124,10 +127,17 @@ def setting(cell: dict) -> tuple[str, str, float, str]:
 
 
 def tag(cell: dict) -> str:
-    """The ``--tag`` suffix of the cell's name (an ablation label), or ""."""
+    """The suffix of the cell's name after its setting: the closed-loop part, then the ``--tag`` (an ablation
+    label); "" for the allocator's default open-loop cell."""
     config = cell["report"]["config"]
     factor_format, whitening, keep, dataset = setting(cell)
     return cell["cell"].removeprefix(f"{config['allocator']}-{factor_format}-{whitening}-keep{keep:g}-{dataset}")
+
+
+def allocator_tag(cell: dict) -> str:
+    """The ``--tag`` alone: a closed-loop cell of a tagged allocator (ARA ``-epoch1-lr0.15`` + compensate)
+    belongs with that allocator's open-loop cell of the same tag."""
+    return CLOSED_LOOP_SUFFIX.sub("", tag(cell), count=1)
 
 
 def closed_loop(cell: dict) -> tuple[str, int]:
@@ -259,7 +269,7 @@ def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
         else:
             config, measured = row["report"]["config"], row["report"]["measured"]
             mode, steps = closed_loop(row)
-            pipeline = " + ".join([config["allocator"] + (f" `{tag(row)}`" if tag(row) and mode == "none" else ""),
+            pipeline = " + ".join([config["allocator"] + (f" `{allocator_tag(row)}`" if allocator_tag(row) else ""),
                                    *([f"closed loop {mode}"] if mode != "none" else []),
                                    *([f"refine {steps}"] if steps else []), config["factor_format"]])
             if role == "reference":
@@ -392,10 +402,12 @@ def closed_loop_tables(cells: list[dict]) -> list[str]:
     lines = []
     looped = [c for c in cells if closed_loop(c) != ("none", 0)]
     order = {"none": 0, "sequential": 1, "compensate": 2}
-    for allocator, cell_setting in sorted({(c["report"]["config"]["allocator"], setting(c)) for c in looped}):
-        open_loop = untagged_cell(cells, allocator, cell_setting)
-        members = sorted((c for c in looped if c["report"]["config"]["allocator"] == allocator
-                          and setting(c) == cell_setting),
+    groups = {(c["report"]["config"]["allocator"], allocator_tag(c), setting(c)) for c in looped}
+    for allocator, variant, cell_setting in sorted(groups):
+        def member(cell: dict) -> bool:
+            return (cell["report"]["config"]["allocator"], setting(cell)) == (allocator, cell_setting)
+        open_loop = next((c for c in cells if member(c) and tag(c) == variant), None)
+        members = sorted((c for c in looped if member(c) and allocator_tag(c) == variant),
                          key=lambda c: (order[closed_loop(c)[0].split()[0]], closed_loop(c)))
         group = ([open_loop] if open_loop else []) + members
         windows = {p: set.intersection(*(set(perplexities(c, *p)) for c in group)) for p in PPL_COLUMNS}
@@ -414,7 +426,8 @@ def closed_loop_tables(cells: list[dict]) -> list[str]:
         headers = [f"{PPL_COLUMNS[p]}, {max(windows[p])} windows" if windows[p] else PPL_COLUMNS[p]
                    for p in PPL_COLUMNS]
         factor_format, whitening, keep, dataset = cell_setting
-        lines += [f"### Closed loop: {allocator}, {factor_format}, {whitening}, keep {keep:g}, {dataset} calibration",
+        name = allocator + (f" `{variant}`" if variant else "")
+        lines += [f"### Closed loop: {name}, {factor_format}, {whitening}, keep {keep:g}, {dataset} calibration",
                   "", *render(["closed loop", *headers, "Δ WikiText-2 vs open loop", "refined blocks kept",
                                "factorize s", "compress s"], body), ""]
     return lines

@@ -221,6 +221,20 @@ def test_closed_loop_cells_get_their_own_table(tiny_folder, tmp_path):
     assert results_script.reproduce_command(cell).endswith("--closed-loop compensate --compensation 0.5 --anchor 0 "
                                                            "--refine-steps 2 --refine-lr 0.0001")
 
+    # A tagged allocator's closed-loop cell is compared with the open-loop cell of the same tag, not the default.
+    matrix.main(setting + ["--tag=-v2", "--allocator-options", '{"uniform": {}}'])
+    matrix.main(setting + ["--tag=-v2", "--closed-loops", "compensate"])
+    tagged = json.loads((results / f"{stem}-v2.json").read_text())
+    next(iter(tagged["perplexity"].values()))["perplexity"] = 1234.5  # tells the open-loop cells apart
+    (results / f"{stem}-v2.json").write_text(json.dumps(tagged))
+    results_script.main(["--results", str(results), "--out", str(out)])
+    page = out.read_text()
+    title = "### Closed loop: uniform `-v2`, pivga, cholesky, keep 0.6, wikitext2 calibration"
+    rows = table_rows(page, "closed loop", after=title)
+    assert [row["closed loop"] for row in rows] == ["none", "compensate"]
+    assert rows[0]["WikiText-2 test ppl, 2 windows"] == "1234.50"
+    assert results_script.allocator_tag(json.loads((results / f"{stem}-compensate-v2.json").read_text())) == "-v2"
+
 
 def test_zero_shot_marks_each_reference_within_twice_the_combined_standard_error():
     accuracy_text = script("make_results").accuracy_text
