@@ -138,12 +138,26 @@ def perplexity(model, tokenizer, spec: str, seqlen: int) -> dict:
     return result.to_dict()
 
 
+@functools.cache
+def cpu_description() -> str:
+    """The CPU as /proc/cpuinfo names its first core: the host changes between sessions, and with it every
+    time and throughput, so a cell records which one it was measured on."""
+    try:
+        first_core = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {key.strip(): value.strip() for key, value in
+              (line.split(":", 1) for line in first_core.splitlines() if ":" in line)}
+    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, "
+            f"{fields.get('cpu MHz', '?')} MHz, {fields.get('cache size', '?')} cache)")
+
+
 def isolated_speed(source: str | Path) -> dict:
     """`measure_speed` of the model at ``source`` (a model name or folder) in a fresh Python process."""
     with tempfile.TemporaryDirectory(prefix="rankcut-speed-") as tmp:
         out = Path(tmp) / "speed.json"
         subprocess.run([sys.executable, "-c", SPEED_PROBE, str(source), str(out)], check=True)
-        result = json.loads(out.read_text())
+        result = json.loads(out.read_text()) | {"cpu": cpu_description()}
     print(f"    speed: prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} "
           f"tok/s, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, {result['threads']} threads, "
           f"load average {result['load_average_1min']:.2f} before", flush=True)
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     allocator_options = json.loads(args.allocator_options)
     environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-                   "rankcut": rankcut.__version__}
+                   "cpu": cpu_description(), "rankcut": rankcut.__version__}
     wanted = Evaluations(tuple(args.eval), tuple(args.zeroshot_tasks) if args.zeroshot else (), args.zeroshot_limit,
                          args.speed, args.speed_rounds)
 
