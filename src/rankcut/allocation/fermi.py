@@ -88,8 +88,9 @@ class FermiTrainingConfig(TrainingSchedule):
 
 @dataclass
 class FermiGradConfig(FermiTrainingConfig):
-    # Chosen on C4 validation (SmolLM2, PivGa, keep 0.8, one epoch): 2.0, which dobi keeps, stopped short
-    # (C4 58.11 against 49.48 at 6.0).
+    # Chosen for the shift mode's steps on C4 validation (SmolLM2, PivGa, keep 0.8, one epoch): 2.0, which
+    # dobi keeps, stopped short (C4 58.11 against 49.48 at 6.0). budget_mode="penalty" steps with Adam,
+    # about ±lr ranks per step: not tuned at 6.
     lr: float = 6.0
     t_start: float = 0.05  # initial temperature, as a fraction of each module's full rank r
     t_end: float = 0.3  # final temperature in rank units (< 1: the relaxed model ≈ the truncated one)
