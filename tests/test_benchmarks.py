@@ -76,6 +76,8 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     decode = [r["compressed"]["decode_tokens_per_s"] / r["dense"]["decode_tokens_per_s"] for r in rounds]
     assert cell["speed_ratio"]["decode_speedup_range"] == [min(decode), max(decode)]
     assert cell["speed"]["prompt_tokens"] == 512 and cell["speed_ratio"]["rounds"] == 2
+    cpu = matrix.cpu_description()  # times compare only within one host: every record names it
+    assert first["environment"]["cpu"] == cpu and {r[side]["cpu"] for r in rounds for side in r} == {cpu}
 
     quality = setting + ["--eval", "wikitext2:test:2"]
     matrix.main(quality + ["--allocators", "zerosum"])  # an ablation: the default and a tagged variant
