@@ -453,13 +453,14 @@ def allocator_tables(dense: dict | None, cells: list[dict]) -> list[str]:
             return perplexities(row, *pair).get(windows[pair])
 
         group.sort(key=lambda c: ppl(c, ("wikitext2", "test")) or math.inf)  # unmeasured last
+        dense_summary = zeroshot_summary(dense) if dense else None  # one object: the dense row is not its own match
         body = []
         for row in ([dense] if dense else []) + group:
             name = "dense" if row is dense else row["report"]["config"]["allocator"]
             closed = None if row is dense or name == "uniform" else gap_closed(row, cells, dense)
             allocate = None if row is dense else row["report"]["timings"].get("allocate")
             body.append([name, *(fmt(ppl(row, p), ".2f") for p in PPL_COLUMNS), fmt(closed, ".0%"),
-                         accuracy_text(zeroshot_summary(row), [("dense", zeroshot_summary(dense) if dense else None)]),
+                         accuracy_text(dense_summary if row is dense else zeroshot_summary(row), [("dense", dense_summary)]),
                          fmt(allocate, ".1f"), *(speed_text(row, k) for k in ("prefill_speedup", "decode_speedup"))])
         headers = [f"{PPL_COLUMNS[p]}, {windows[p]} windows" if windows[p] else PPL_COLUMNS[p] for p in PPL_COLUMNS]
         factor_format, whitening, keep, dataset = cell_setting
