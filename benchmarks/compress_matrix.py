@@ -57,7 +57,7 @@ import torch
 
 import rankcut
 from rankcut.data import load_text
-from rankcut.evaluation.speed import compare_speed, paired_ratios
+from rankcut.evaluation.speed import compare_speed, paired_ratios, processor_name
 from rankcut.evaluation.zeroshot import DEFAULT_TASKS, evaluate_zeroshot, task_average
 from rankcut.compress import CLOSED_LOOPS
 from rankcut.workdir import write_atomically
@@ -71,7 +71,7 @@ from rankcut.evaluation.speed import measure_speed
 load_average = os.getloadavg()[0]
 model, tokenizer = rankcut.load_model(sys.argv[1])
 result = measure_speed(model, tokenizer)
-result.update(threads=torch.get_num_threads(), torch=torch.__version__, load_average_1min=load_average)
+result.update(torch=torch.__version__, load_average_1min=load_average)
 with open(sys.argv[2], "w") as file:
     json.dump(result, file)
 """
@@ -138,26 +138,12 @@ def perplexity(model, tokenizer, spec: str, seqlen: int) -> dict:
     return result.to_dict()
 
 
-@functools.cache
-def cpu_description() -> str:
-    """The CPU as /proc/cpuinfo names its first core: the host changes between sessions, and with it every
-    time and throughput, so a cell records which one it was measured on."""
-    try:
-        first_core = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields = {key.strip(): value.strip() for key, value in
-              (line.split(":", 1) for line in first_core.splitlines() if ":" in line)}
-    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, "
-            f"{fields.get('cpu MHz', '?')} MHz, {fields.get('cache size', '?')} cache)")
-
-
 def isolated_speed(source: str | Path) -> dict:
     """`measure_speed` of the model at ``source`` (a model name or folder) in a fresh Python process."""
     with tempfile.TemporaryDirectory(prefix="rankcut-speed-") as tmp:
         out = Path(tmp) / "speed.json"
         subprocess.run([sys.executable, "-c", SPEED_PROBE, str(source), str(out)], check=True)
-        result = json.loads(out.read_text()) | {"cpu": cpu_description()}
+        result = json.loads(out.read_text())
     print(f"    speed: prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} "
           f"tok/s, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, {result['threads']} threads, "
           f"load average {result['load_average_1min']:.2f} before", flush=True)
@@ -343,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     allocator_options = json.loads(args.allocator_options)
     environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-                   "cpu": cpu_description(), "rankcut": rankcut.__version__}
+                   "cpu": processor_name(), "rankcut": rankcut.__version__}
     wanted = Evaluations(tuple(args.eval), tuple(args.zeroshot_tasks) if args.zeroshot else (), args.zeroshot_limit,
                          args.speed, args.speed_rounds)
 

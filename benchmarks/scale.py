@@ -129,6 +129,8 @@ def run_cell(folder: Path, allocator: str, nsamples: int, seqlen: int, out: Path
 def measure(suite: str, threads: int, results: Path = RESULTS, only: list[str] | None = None,
             depths: list[int] | None = None) -> None:
     """The suite's cells not recorded yet (``only`` those allocators, ``depths`` those block counts)."""
+    from rankcut.evaluation.speed import processor_name
+
     blocks_list, allocators, (nsamples, seqlen), device, dtype = PLANS[suite]
     results.mkdir(parents=True, exist_ok=True)
     for blocks in (b for b in blocks_list if depths is None or b in depths):
@@ -148,7 +150,7 @@ def measure(suite: str, threads: int, results: Path = RESULTS, only: list[str] |
                           "allocator_options": ALLOCATOR_OPTIONS.get(allocator, {}),
                           "device_kind": device,
                           "nsamples": nsamples, "seqlen": seqlen, "threads": threads,
-                          "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                          "machine": f"{platform.machine()}, {os.cpu_count()} cores", "cpu": processor_name(),
                           "load_before": load, **measured[0]}
                 cell.write_text(json.dumps(record, indent=2))
                 print(f"{cell.name}: peak {record['peak_rss_bytes'] / GiB:.2f} GiB "
@@ -179,6 +181,7 @@ DISTRIBUTED = {  # model -> (allocators, nsamples x seqlen): 1 process of 2 thre
 def measure_distributed(results: Path = RESULTS, only: list[str] | None = None) -> None:
     """Wall time by phase, peak per rank and plan of one compression in 1 process of 2 threads and in 2
     processes of 1 thread (torchrun, gloo), on the 1024-wide synthetic model (4 blocks) and SmolLM2."""
+    from rankcut.evaluation.speed import processor_name
     from rankcut.models import checkpoint_folder
 
     results.mkdir(parents=True, exist_ok=True)
@@ -200,7 +203,7 @@ def measure_distributed(results: Path = RESULTS, only: list[str] | None = None) 
                                                         "float32", threads, processes, cell.name)
                     record = {"suite": "distributed", "model": model, "allocator": allocator, "processes": processes,
                               "threads": threads, "nsamples": nsamples, "seqlen": seqlen, "load_before": load,
-                              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "cpu": processor_name(),
                               "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in ranks],
                               "predicted_host_bytes": ranks[0]["predicted_host_bytes"],
                               "wall_seconds": ranks[0]["wall_seconds"], "timings": ranks[0]["timings"],
@@ -208,6 +211,37 @@ def measure_distributed(results: Path = RESULTS, only: list[str] | None = None) 
                     cell.write_text(json.dumps(record, indent=2))
                     print(f"{cell.name}: {record['wall_seconds']:.0f} s, peaks "
                           f"{[f'{b / GiB:.2f}' for b in record['peak_rss_bytes_per_rank']]} GiB")
+
+
+def real_model_table(records: list[dict]) -> list[str]:
+    """``rankcut compress`` on the bundled models (streamed from the checkpoint folder, benchmarks/time_cli.py
+    --cell) beside the RESULTS.md cell of the same settings, compressed with the whole model loaded."""
+    if not records:
+        return []
+    lines = ["", "## Real models through the streamed path", "",
+             "`rankcut compress` streams the bundled model from its checkpoint folder block by block; each run "
+             "(fresh process, alone on the machine) beside the `compress_matrix.py` cell of the same settings, "
+             "compressed with the whole model loaded (before streaming, where the cell names no cpu); perplexity over "
+             "the first windows of the split. `peak`: the command's whole process "
+             "(model load and save included); the cell's is its `compress` call with the model already loaded.", "",
+             "| command | same plan as the cell | perplexity | ppl (cell) | peak GiB (cell) | wall s (cell's compress s) | cpu |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: r["command"]):
+        ref = r["reference"]
+        same = "yes" if ref["same_plan"] else f"no: {len(ref['modules_with_another_rank'])} modules differ"
+        cpus = "same" if ref.get("cpu") == r["environment"].get("cpu") else f"{r['environment'].get('cpu')} (cell: {ref.get('cpu') or 'not recorded'})"
+        ppl = r["perplexity"]
+        lines.append(f"| `{r['command']}` | {same} | {ppl['dataset']} {ppl['split']}, {ppl['windows']} windows | "
+                     f"{ppl['perplexity']:.2f} ({ref['perplexity']:.2f}) | "
+                     f"{r['process_peak_rss_bytes'] / GiB:.2f} ({ref['peak_bytes'] / GiB:.2f}) | "
+                     f"{r['wall_seconds']:.0f} ({ref['compress_seconds']:.0f}) | {cpus} |")
+    return lines
+
+
+def host_labels(cells: list[dict]) -> dict[str, str]:
+    """A short label (A, B, ...) for each processor the cells recorded, in the order first met."""
+    cpus = dict.fromkeys(c["cpu"] for c in cells if c.get("cpu"))
+    return {cpu: chr(ord("A") + i) for i, cpu in enumerate(cpus)}
 
 
 def distributed_table(records: list[dict]) -> list[str]:
@@ -288,7 +322,8 @@ def option_text(cell: dict) -> str:
 def render(results: Path = RESULTS, page: Path = PAGE) -> None:
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
     distributed = [c for c in records if c.get("suite") == "distributed"]
-    records = [c for c in records if c.get("suite") != "distributed"]
+    commands = [c for c in records if "reference" in c]  # benchmarks/time_cli.py --cell runs of the real models
+    records = [c for c in records if c.get("suite") != "distributed" and "reference" not in c]
     cells = [c for c in records if "allocation" not in c]
     before = [c for c in records if "allocation" in c]  # recorded when the allocator loaded the whole model
     for cell in cells:
@@ -300,8 +335,9 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
              "by the estimator as it is when the page is rendered.", "",
              "| suite | device, dtype | blocks | allocator | calibration | peak GiB | predicted GiB | "
              "predicted / peak | device peak GiB (predicted) | wall s | "
-             "s per block (calibrate + decompose / allocate / factorize) | load before |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "s per block (calibrate + decompose / allocate / factorize) | load before | cpu |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    hosts = host_labels(cells)
     for c in sorted(cells, key=lambda c: (c["suite"], c["allocator"], c["blocks"])):
         t = c["timings"]
         per_block = " / ".join(f"{t.get(k, 0.0) / c['blocks']:.1f}"
@@ -311,9 +347,12 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
         lines.append(f"| {c['suite']} | {c.get('device', 'cpu')}, {c.get('dtype', 'float32')} | {c['blocks']} | "
                      f"{c['allocator']}{option_text(c)} | {c['nsamples']} x {c['seqlen']} | {c['peak_rss_bytes'] / GiB:.2f} | "
                      f"{c['predicted_host_bytes'] / GiB:.2f} | {c['predicted_host_bytes'] / c['peak_rss_bytes']:.2f} | "
-                     f"{device_peak} | {c['wall_seconds']:.0f} | {per_block} | {c.get('load_before', 0):.1f} |")
+                     f"{device_peak} | {c['wall_seconds']:.0f} | {per_block} | {c.get('load_before', 0):.1f} | "
+                     f"{hosts.get(c.get('cpu'), '?')} |")
     lines += ["", "`load before`: the machine's 1-minute load average when the cell started (2 cores): above about "
               "1 the cell shared the CPU and its times are slower than the machine can do; peaks are unaffected.",
+              "`cpu`: the processor the cell ran on, as the sessions' hosts differ (times compare only on one; "
+              "`?`: not recorded)." + "".join(f" {label}: {cpu}." for cpu, label in hosts.items()),
               "", "## Depth: peak growth over the shallowest model of each allocator", "",
               "| suite | allocator | blocks | peak - shallowest peak, GiB |", "|---|---|---|---|"]
     for suite in sorted({c["suite"] for c in cells}):
@@ -334,6 +373,7 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
                          f"{c['wall_seconds']:.0f} | {c['timings'].get('allocate', 0.0):.0f} |")
     lines += extrapolation(cells)
     lines += distributed_table(distributed)
+    lines += real_model_table(commands)
     lines += ["", "## Predictions for real models", "",
               "The estimator's figures (`rankcut compress --dry-run`) at 256 x 512 calibration tokens, keep 0.8: CPU "
               "in float32, one GPU in bfloat16 (host / device).", "",

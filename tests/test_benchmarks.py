@@ -14,6 +14,8 @@ from types import ModuleType
 
 import pytest
 
+from rankcut.evaluation.speed import processor_name
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -76,7 +78,7 @@ def test_matrix_resumes_missing_evaluations_and_renders_them(tiny_folder, tmp_pa
     decode = [r["compressed"]["decode_tokens_per_s"] / r["dense"]["decode_tokens_per_s"] for r in rounds]
     assert cell["speed_ratio"]["decode_speedup_range"] == [min(decode), max(decode)]
     assert cell["speed"]["prompt_tokens"] == 512 and cell["speed_ratio"]["rounds"] == 2
-    cpu = matrix.cpu_description()  # times compare only within one host: every record names it
+    cpu = processor_name()  # times compare only within one host: every record names it
     assert first["environment"]["cpu"] == cpu and {r[side]["cpu"] for r in rounds for side in r} == {cpu}
 
     quality = setting + ["--eval", "wikitext2:test:2"]
@@ -179,6 +181,42 @@ def test_time_cli_records_a_user_run(tiny_folder, tmp_path, capsys):
     assert record["perplexity"]["windows"] == 2 and math.isfinite(record["perplexity"]["perplexity"])
     assert f"{record['perplexity']['perplexity']:.4f}" in capsys.readouterr().out
     assert record["perplexity"]["model"] == "artifact" and not list(tmp_path.glob("*.tmp.json"))
+    assert record["environment"]["cpu"] == processor_name() and "reference" not in record
+
+
+def test_time_cli_compares_the_streamed_command_with_a_cell_of_the_same_settings(tiny_folder, tmp_path, capsys):
+    """The command streams the checkpoint; the matrix cell compressed the loaded model: same plan, same
+    perplexity. A cell with another plan is reported as such, and scale.py tabulates both runs."""
+    results, cells = tmp_path / "results", tmp_path / "cells"
+    settings = ["--nsamples", "4", "--seqlen", "32"]
+    script("compress_matrix").main(["--model", str(tiny_folder), "--keeps", "0.6", "--formats", "pivga",
+                                    "--allocators", "zerosum", "--calib", "wikitext2:validation", "--eval-seqlen", "32",
+                                    "--results", str(results), "--eval", "wikitext2:test:2", *settings])
+    cell_path = results / "zerosum-pivga-cholesky-keep0.6-wikitext2.json"
+    time_cli, command = script("time_cli"), ["--", "--model", str(tiny_folder), "--keep", "0.6", "--allocator", "zerosum",
+                                             "--calib", "wikitext2", "--calib-split", "validation", *settings]
+    run = ["--artifact", str(tmp_path / "artifact"), "--eval", "wikitext2:test:2", "--cell", str(cell_path)]
+    time_cli.main(["--out", str(cells / "same.json"), *run, *command])
+    same = json.loads((cells / "same.json").read_text())["reference"]
+    cell = json.loads(cell_path.read_text())
+    assert same["same_plan"] and same["modules_with_another_rank"] == []
+    assert same["perplexity"] == cell["perplexity"]["wikitext2:test:2"]["perplexity"]
+    assert json.loads((cells / "same.json").read_text())["perplexity"]["perplexity"] == pytest.approx(same["perplexity"], rel=1e-5)
+
+    module = next(iter(cell["report"]["plan"]["ranks"]))
+    cell["report"]["plan"]["ranks"][module] = 1
+    other = tmp_path / "other-cell.json"
+    other.write_text(json.dumps(cell))
+    time_cli.main(["--out", str(cells / "other.json"), *run[:-1], str(other), *command])
+    assert json.loads((cells / "other.json").read_text())["reference"]["modules_with_another_rank"] == [module]
+    with pytest.raises(SystemExit):  # nothing to compare the perplexity with
+        time_cli.main(["--out", str(cells / "x.json"), *run[:3], "c4:validation:2", *run[4:], *command])
+    assert "has no c4:validation:2 perplexity" in capsys.readouterr().err
+
+    script("scale").render(cells, tmp_path / "page.md")
+    rows = table_rows((tmp_path / "page.md").read_text(), "command")
+    assert sorted(row["same plan as the cell"] for row in rows) == ["no: 1 modules differ", "yes"]
+    assert all(row["cpu"] == "same" for row in rows)
 
 
 def test_scale_benchmark_runs_a_tiny_suite_and_renders_it(tmp_path, monkeypatch):
@@ -193,6 +231,7 @@ def test_scale_benchmark_runs_a_tiny_suite_and_renders_it(tmp_path, monkeypatch)
     scale.render(tmp_path / "cells", tmp_path / "page.md")
     rows = table_rows((tmp_path / "page.md").read_text(), "suite")
     assert rows[0]["allocator"] == "uniform" and rows[0]["blocks"] == "2"
+    assert cell["cpu"] == processor_name() and rows[0]["cpu"] == "A" and f"A: {cell['cpu']}." in (tmp_path / "page.md").read_text()
     scale.check_equivalence("cpu")
     scale.check_launched("cpu")  # the NCCL check of gpu_check.sh, with gloo
     gpu_check = (BENCHMARKS / "gpu_check.sh").read_text()

@@ -41,6 +41,7 @@ def test_measure_speed_returns_positive_finite_numbers():
     assert result["peak_rss_increase_bytes"] >= 0
     assert result["prefill_logits"] == "last position"
     assert (result["device"], result["dtype"]) == ("cpu", "float32")
+    assert result["cpu"] == speed.processor_name() and result["threads"] == torch.get_num_threads()
 
 
 def test_decode_loop_is_greedy_generation_with_the_cache():
@@ -123,3 +124,11 @@ def test_paired_ratios_report_the_median_its_range_and_whether_it_is_measurable(
     assert ratios["decode_speedup"] == pytest.approx(1.04) and not ratios["decode_speedup_measurable"]  # 0.95-1.1
     with pytest.raises(ConfigError):
         paired_ratios(dense, compressed[:2])
+
+
+def test_processor_name_reads_the_first_core_and_falls_back_without_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    core = "processor\t: {}\ncpu family\t: 6\nmodel\t\t: 167\nmodel name\t: Example CPU @ 2.60GHz\ncpu MHz\t\t: {}\ncache size\t: 16384 KB\n"
+    cpuinfo.write_text(core.format(0, "2600.000") + "\n" + core.format(1, "1200.000"))
+    assert speed.processor_name(cpuinfo) == "Example CPU @ 2.60GHz (family 6 model 167, 2600.000 MHz, 16384 KB cache)"
+    assert speed.processor_name(tmp_path / "absent")  # e.g. macOS: the platform's own name

@@ -17,15 +17,33 @@ median ratio with its range over the rounds; a range that includes 1 is no measu
 
 from __future__ import annotations
 
+import functools
 import inspect
+import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
 from ..memory import peak_rss
+
+
+@functools.cache
+def processor_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU as ``cpuinfo`` names its first core (where there is one): throughputs compare only
+    between runs on the same processor, so every speed result names it."""
+    try:
+        first_core = cpuinfo.read_text().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {key.strip(): value.strip() for key, value in
+              (line.split(":", 1) for line in first_core.splitlines() if ":" in line)}
+    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, "
+            f"{fields.get('cpu MHz', '?')} MHz, {fields.get('cache size', '?')} cache)")
+
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of all distinct parameters and buffers (tied weights counted once)."""
@@ -128,9 +146,12 @@ def measure_speed(
         ),
         "peak_rss_method": peak["method"],
         "prefill_logits": "last position" if last_logits_only else "all positions",
+        "cpu": processor_name(),
+        "threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
         result["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["gpu"] = torch.cuda.get_device_name(device)
     return result
 
 
