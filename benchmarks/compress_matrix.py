@@ -237,6 +237,8 @@ def resume_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted
         print(f"{cell}: adding {todo} to {path}; there is no artifact at {artifact}, compressing again", flush=True)
         model, tokenizer, report, _ = compress_cell(cell, config, args)
         if report.plan.ranks != row["report"]["plan"]["ranks"]:
+            # a fresh cell must not resume this run's work folder: its time and peak would count only the rest
+            shutil.rmtree(args.artifacts / f"{cell}.work", ignore_errors=True)
             print(f"skip {cell}: compressing again gave another rank plan than the one in {path}, so its stored "
                   f"figures would not describe the new model; delete {path} to start the cell afresh", flush=True)
             return

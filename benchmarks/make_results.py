@@ -103,13 +103,12 @@ def most_common_zeroshot(summaries: Iterable[tuple | None]) -> tuple | None:
 
 def speed_text(row: dict, key: str) -> str:
     """The compressed/dense ratio: the median over interleaved rounds with its range, or "no measurable
-    difference" where the range includes 1; a single measurement's ratio as it is."""
+    difference" where the range includes 1. A single measurement's ratio (cells measured before the
+    rounds) is not shown: on 2 cores one run's ratio swung by ±0.3 between models of one size."""
     ratio = row.get("speed_ratio", {})
     value, span = ratio.get(key), ratio.get(f"{key}_range")
-    if value is None:
+    if value is None or span is None:
         return MISSING
-    if span is None:
-        return f"{value:.2f}"
     low, high = span
     if low <= 1.0 <= high:
         return f"no measurable difference ({low:.2f}–{high:.2f})"
@@ -358,8 +357,9 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
     if any("speed" in r for r in rows):
         notes.append("`prefill ×dense` / `decode ×dense`: the compressed model's tokens/s over the dense model's "
                      "(512-token prompt, batch-1 decode), each measured in a fresh process: the median ratio over "
-                     "interleaved rounds with its range, or one measurement's ratio (cells measured before the "
-                     "rounds); a range that includes 1 is no measurable difference.")
+                     "interleaved rounds with its range; a range that includes 1 is no measurable difference. Cells "
+                     "measured once, before the rounds, show no ratio (the Speed and memory table keeps their "
+                     "tokens/s): one run's ratio cannot separate the methods.")
     return render(header, body) + [line for note in notes for line in ("", note)]
 
 

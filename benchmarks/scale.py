@@ -221,10 +221,11 @@ def real_model_table(records: list[dict]) -> list[str]:
     lines = ["", "## Real models through the streamed path", "",
              "`rankcut compress` streams the bundled model from its checkpoint folder block by block; each run "
              "(fresh process, alone on the machine) beside the `compress_matrix.py` cell of the same settings, "
-             "compressed with the whole model loaded (before streaming, where the cell names no cpu); perplexity over "
-             "the first windows of the split. `peak`: the command's whole process "
-             "(model load and save included); the cell's is its `compress` call with the model already loaded.", "",
-             "| command | same plan as the cell | perplexity | ppl (cell) | peak GiB (cell) | wall s (cell's compress s) | cpu |",
+             "compressed through the Python API with the whole model loaded; perplexity over the first windows of the "
+             "split. `peak`: the command's whole process (model load and save included); the cell's is its "
+             "`compress` call with the model already loaded. `wall s`: the command, load to save; the cell's "
+             "compress seconds, of which calibration (near 0 where it read cached spectra).", "",
+             "| command | same plan as the cell | perplexity | ppl (cell) | peak GiB (cell) | wall s (cell: compress / calibration s) | cpu |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: r["command"]):
         ref = r["reference"]
@@ -232,9 +233,9 @@ def real_model_table(records: list[dict]) -> list[str]:
         cpus = "same" if ref.get("cpu") == r["environment"].get("cpu") else f"{r['environment'].get('cpu')} (cell: {ref.get('cpu') or 'not recorded'})"
         ppl = r["perplexity"]
         lines.append(f"| `{r['command']}` | {same} | {ppl['dataset']} {ppl['split']}, {ppl['windows']} windows | "
-                     f"{ppl['perplexity']:.2f} ({ref['perplexity']:.2f}) | "
+                     f"{ppl['perplexity']:.4f} ({ref['perplexity']:.4f}) | "
                      f"{r['process_peak_rss_bytes'] / GiB:.2f} ({ref['peak_bytes'] / GiB:.2f}) | "
-                     f"{r['wall_seconds']:.0f} ({ref['compress_seconds']:.0f}) | {cpus} |")
+                     f"{r['wall_seconds']:.0f} ({ref['compress_seconds']:.0f} / {ref['calibrate_seconds']:.0f}) | {cpus} |")
     return lines
 
 

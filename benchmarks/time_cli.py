@@ -41,7 +41,9 @@ def reference(cell: dict, report: dict, spec: str, name: str) -> dict:
     return {"cell": name, "same_plan": ranks == theirs,
             "modules_with_another_rank": sorted(m for m in ranks.keys() | theirs.keys() if ranks.get(m) != theirs.get(m)),
             "perplexity": cell["perplexity"][spec]["perplexity"], "peak_bytes": cell["report"]["peak_memory_bytes"],
-            "compress_seconds": cell["compress_seconds"], "cpu": cell.get("environment", {}).get("cpu")}
+            "compress_seconds": cell["compress_seconds"],
+            "calibrate_seconds": cell["report"]["timings"].get("calibrate + decompose", 0.0),  # ~0: cached spectra
+            "cpu": cell.get("environment", {}).get("cpu")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -157,6 +157,7 @@ def test_matrix_recompresses_a_cell_whose_artifact_is_gone_only_if_it_gives_the_
     matrix.main(setting + ["--eval", "wikitext2:test:2", "c4:validation:2"])
     assert "gave another rank plan" in capsys.readouterr().out
     assert json.loads(cell_path.read_text()) == stored and not (artifacts / cell).exists()
+    assert not (artifacts / f"{cell}.work").exists()  # a fresh cell starts from scratch, timed whole
 
     cell_path.write_text(json.dumps(first))
     matrix.main(setting + ["--eval", "wikitext2:test:2", "c4:validation:2"])
@@ -276,6 +277,16 @@ def test_closed_loop_cells_get_their_own_table(tiny_folder, tmp_path):
     assert [row["closed loop"] for row in rows] == ["none", "compensate"]
     assert rows[0]["WikiText-2 test ppl, 2 windows"] == "1234.50"
     assert results_script.allocator_tag(json.loads((results / f"{stem}-compensate-v2.json").read_text())) == "-v2"
+
+
+def test_speed_ratios_come_only_from_interleaved_rounds():
+    make_results = script("make_results")
+    once = {"speed_ratio": {"prefill_speedup": 1.36}}  # a cell measured before the rounds: noise on 2 cores
+    rounds = {"speed_ratio": {"prefill_speedup": 1.1, "prefill_speedup_range": [1.05, 1.2]}}
+    level = {"speed_ratio": {"prefill_speedup": 1.02, "prefill_speedup_range": [0.97, 1.1]}}
+    assert make_results.speed_text(once, "prefill_speedup") == make_results.MISSING
+    assert make_results.speed_text(rounds, "prefill_speedup") == "1.10 (1.05–1.20)"
+    assert make_results.speed_text(level, "prefill_speedup") == "no measurable difference (0.97–1.10)"
 
 
 def test_zero_shot_marks_each_reference_within_twice_the_combined_standard_error():
