@@ -30,8 +30,8 @@ HEAD="--eval wikitext2:test wikitext2:test:100 c4:validation:128 --zeroshot --ze
 $MATRIX --dense $HEAD --calib wikitext2:validation --artifacts $ARTIFACTS --allocators uniform zerosum --formats pivga \
     --keeps 0.8
 
-# The same commands streamed from the checkpoint folder (issue 17; the cells above were compressed with the whole
-# model loaded, before streaming): same plan and perplexity as the cell, and the peak beside it (RESULTS-scale.md).
+# The same commands streamed from the checkpoint folder (issue 17; the cells above were compressed through the
+# Python API with the whole model loaded): same plan and perplexity as the cell, and the peak beside it (RESULTS-scale.md).
 for A in uniform zerosum; do
     S=benchmarks/results/scale/cli-gemma3-270m-$A-pivga-keep0.8.json
     [ -f $S ] || python benchmarks/time_cli.py --out $S --artifact "$ARTIFACTS/cli-$A-pivga-keep0.8" \
