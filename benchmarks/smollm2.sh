@@ -83,7 +83,7 @@ $MATRIX $EPOCH --allocators ara --keeps 0.6 --tag=-epoch1 --allocator-options '{
 # ARA's lr 0.05 (the default then) stopped short; 0.15, chosen on C4 validation, is the default since.
 $MATRIX $EPOCH --allocators ara --keeps 0.6 0.8 --tag=-epoch1-lr0.15 --allocator-options '{"ara": {"epochs": 1, "lr": 0.15}}'
 # FermiGrad's lr 2 (the default then, as dobi's) stopped short too; 6, chosen on C4 validation, is its default since.
-$MATRIX $EPOCH --allocators fermigrad --keeps 0.8 --tag=-epoch1-lr6 --allocator-options '{"fermigrad": {"epochs": 1, "lr": 6.0}}'
+$MATRIX $EPOCH --allocators fermigrad --keeps 0.8 0.6 --tag=-epoch1-lr6 --allocator-options '{"fermigrad": {"epochs": 1, "lr": 6.0}}'
 
 # Headline (issue 21): dense, the best pipeline per keep ratio and uniform for reference over the full
 # WikiText-2 test split, zero-shot on 500 items per task (all where a task has fewer), and speed as the
