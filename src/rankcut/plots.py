@@ -20,6 +20,17 @@ def _pyplot():
     return plt
 
 
+def _save(figure, path: str | Path, title: str | None = None) -> Path:
+    """Title, lay out, write and close ``figure`` (closed, so many plots in one process hold no memory)."""
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    _pyplot().close(figure)
+    return path
+
+
 def _layer_and_kind(name: str) -> tuple[int, str]:
     match = re.search(r"\.(\d+)\.(.+)$", name)
     if not match:
@@ -48,13 +59,7 @@ def plot_ranks(plans: Mapping[str, RankPlan] | RankPlan, path: str | Path, title
         axis.set_xlabel("layer")
     axes[0][0].set_ylabel("kept fraction of module parameters")
     axes[0][-1].legend(fontsize="small")
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path, title)
 
 
 def plot_pareto(points: Sequence[tuple[str, float, float]], path: str | Path, dense: float | None = None,
@@ -74,11 +79,7 @@ def plot_pareto(points: Sequence[tuple[str, float, float]], path: str | Path, de
     axis.set_ylabel(ylabel)
     axis.set_yscale("log")
     axis.legend(fontsize="small")
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def plot_spectra(spectra: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
@@ -101,10 +102,4 @@ def plot_spectra(spectra: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     for axis in axes[:, 0]:
         axis.set_ylabel("σ_i / σ_1")
     axes[0][0].legend(fontsize="small")
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path, title)
