@@ -57,7 +57,7 @@ import torch
 
 import rankcut
 from rankcut.data import load_text
-from rankcut.evaluation.speed import compare_speed, paired_ratios, processor_name
+from rankcut.evaluation.speed import compare_speed, cpu_of_others, paired_ratios, processor_name
 from rankcut.evaluation.zeroshot import DEFAULT_TASKS, evaluate_zeroshot, task_average
 from rankcut.compress import CLOSED_LOOPS
 from rankcut.workdir import write_atomically
@@ -248,18 +248,20 @@ def resume_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted
 
 
 def compress_cell(cell: str, config: rankcut.CompressionConfig,
-                  args: argparse.Namespace) -> tuple[Any, Any, rankcut.CompressionReport, float]:
-    """Load the base model and compress it for ``cell``; returns (model, tokenizer, report, seconds).
-    With ``--artifacts`` the compression checkpoints into ``ARTIFACTS/CELL.work`` (removed by
+                  args: argparse.Namespace) -> tuple[Any, Any, rankcut.CompressionReport, dict[str, float]]:
+    """Load the base model and compress it for ``cell``; returns (model, tokenizer, report, timing): the
+    timing's ``seconds`` and ``others_cpu_cores`` (what other processes used meanwhile, ~0 alone). With
+    ``--artifacts`` the compression checkpoints into ``ARTIFACTS/CELL.work`` (removed by
     :func:`save_cell`), so a run killed mid-cell resumes there; ``seconds`` then counts this run's part."""
     model, tokenizer = rankcut.load_model(args.model)
     start = time.perf_counter()
     work_dir = args.artifacts / f"{cell}.work" if args.artifacts else None
-    model, report = rankcut.compress(model, config, tokenizer=tokenizer, output_dir=args.results / f"{cell}-files",
-                                     spectra_cache=args.spectra_cache, work_dir=work_dir)
+    with cpu_of_others() as others:
+        model, report = rankcut.compress(model, config, tokenizer=tokenizer, output_dir=args.results / f"{cell}-files",
+                                         spectra_cache=args.spectra_cache, work_dir=work_dir)
     seconds = time.perf_counter() - start
     print(f"    compressed in {seconds:.0f} s, {report.measured['target_params']:,} target params", flush=True)
-    return model, tokenizer, report, seconds
+    return model, tokenizer, report, {"seconds": seconds, "others_cpu_cores": others.get("cores")}
 
 
 def save_cell(model, tokenizer, report: rankcut.CompressionReport, cell: str, args: argparse.Namespace) -> Path:
@@ -273,8 +275,9 @@ def save_cell(model, tokenizer, report: rankcut.CompressionReport, cell: str, ar
 def new_cell(cell: str, path: Path, config: rankcut.CompressionConfig, wanted: Evaluations, args: argparse.Namespace,
              environment: dict) -> None:
     print(cell, flush=True)
-    model, tokenizer, report, seconds = compress_cell(cell, config, args)
-    row = {"cell": cell, "model": args.model, "environment": environment, "compress_seconds": seconds,
+    model, tokenizer, report, timing = compress_cell(cell, config, args)
+    row = {"cell": cell, "model": args.model, "environment": environment, "compress_seconds": timing["seconds"],
+           "compress_others_cpu_cores": timing["others_cpu_cores"],
            "report": report.to_dict(), "perplexity": {}}
     with ExitStack() as stack:
         checkpoint, artifact = (lambda: None), None

@@ -220,6 +220,16 @@ CALIBRATION_PHASE = "calibrate + decompose"
 CACHED_SECONDS = 10.0  # a cell whose calibration phase took less read cached spectra
 
 
+SHARED_CPU_CORES = 0.2  # other processes' mean use while a cell compressed above which its time is marked
+
+
+def compress_seconds_text(row: dict) -> str:
+    """The cell's compression seconds, marked § where other processes used the CPU meanwhile (measured
+    for cells compressed since 2026-12-06)."""
+    shared = (row.get("compress_others_cpu_cores") or 0.0) >= SHARED_CPU_CORES
+    return f"{row['compress_seconds']:.0f}" + ("§" if shared else "")
+
+
 def calibration_seconds(cell: dict, cells: list[dict]) -> float | None:
     """For a cell that read cached spectra: the calibration time of the fastest cell that computed spectra
     with its whitening and calibration data (None when it computed its own, or no such cell is here)."""
@@ -277,7 +287,7 @@ def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
                 references.append(("uniform", summaries[id(rows[index - 1][0])]))
             keep = f"{config['keep_ratio']:g}"
             params, size = f"{measured['model_params']:,}", f"{measured['weight_bytes'] / 2**20:.0f}"
-            seconds, peak = f"{row['compress_seconds']:.0f}", f"{row['report']['peak_memory_bytes'] / 2**30:.2f}"
+            seconds, peak = compress_seconds_text(row), f"{row['report']['peak_memory_bytes'] / 2**30:.2f}"
             if (calibration := calibration_seconds(row, cells)) is not None:
                 seconds += f" + {calibration:.0f}‡"
             command = f"`{reproduce_command(row)}`"
@@ -329,7 +339,7 @@ def summary_table(dense: dict | None, cells: list[dict]) -> list[str]:
             labels, seconds, allocate, keep = ["dense", MISSING, MISSING, "1", MISSING], MISSING, MISSING, "1"
             peak = MISSING
         else:
-            labels, seconds = label(row), f"{row['compress_seconds']:.0f}"
+            labels, seconds = label(row), compress_seconds_text(row)
             allocate = fmt(row["report"]["timings"].get("allocate"), ".1f")
             peak = f"{row['report']['peak_memory_bytes'] / 2**30:.2f}" + ("" if "memory" in row["report"] else "†")
             keep = f"{row['report']['measured']['target_keep_ratio']:.4f}"
@@ -589,7 +599,9 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"# Results: {args.title}", "", "Produced by `benchmarks/compress_matrix.py`, tabulated by "
              "`benchmarks/make_results.py`; every figure is measured on the 2-core CPU machine. `compress s` includes "
              "calibration only for the first cell of a calibration set: later cells reuse its spectra (`--spectra-cache`). "
-             "Cells timed while other jobs shared the CPU are slower than the machine can do.", ""]
+             "Cells timed while other jobs shared the CPU are slower than the machine can do: § marks a `compress s` "
+             f"during which other processes used {SHARED_CPU_CORES} cores or more on average (measured for cells "
+             "compressed since 2026-12-06).", ""]
     if args.command:
         lines += ["```bash", args.command, "```", ""]
     figures = args.out.parent / "figures"

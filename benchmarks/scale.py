@@ -129,7 +129,7 @@ def run_cell(folder: Path, allocator: str, nsamples: int, seqlen: int, out: Path
 def measure(suite: str, threads: int, results: Path = RESULTS, only: list[str] | None = None,
             depths: list[int] | None = None) -> None:
     """The suite's cells not recorded yet (``only`` those allocators, ``depths`` those block counts)."""
-    from rankcut.evaluation.speed import processor_name
+    from rankcut.evaluation.speed import cpu_of_others, processor_name
 
     blocks_list, allocators, (nsamples, seqlen), device, dtype = PLANS[suite]
     results.mkdir(parents=True, exist_ok=True)
@@ -144,14 +144,16 @@ def measure(suite: str, threads: int, results: Path = RESULTS, only: list[str] |
             for allocator in pending:
                 cell = results / f"{suite}-{blocks}-{allocator}.json"
                 load = os.getloadavg()[0]
-                measured = compress_in_fresh_processes(folder, allocator, nsamples, seqlen, Path(scratch) / f"out-{allocator}",
-                                                       device, dtype, threads, 1, cell.name)
+                with cpu_of_others() as others:
+                    measured = compress_in_fresh_processes(folder, allocator, nsamples, seqlen,
+                                                           Path(scratch) / f"out-{allocator}", device, dtype, threads, 1,
+                                                           cell.name)
                 record = {"suite": suite, "blocks": blocks, "allocator": allocator, "shape": SHAPES[suite],
                           "allocator_options": ALLOCATOR_OPTIONS.get(allocator, {}),
                           "device_kind": device,
                           "nsamples": nsamples, "seqlen": seqlen, "threads": threads,
                           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "cpu": processor_name(),
-                          "load_before": load, **measured[0]}
+                          "load_before": load, "others_cpu_cores": others.get("cores"), **measured[0]}
                 cell.write_text(json.dumps(record, indent=2))
                 print(f"{cell.name}: peak {record['peak_rss_bytes'] / GiB:.2f} GiB "
                       f"(predicted {record['predicted_host_bytes'] / GiB:.2f}), {record['wall_seconds']:.0f} s")
@@ -181,7 +183,7 @@ DISTRIBUTED = {  # model -> (allocators, nsamples x seqlen): 1 process of 2 thre
 def measure_distributed(results: Path = RESULTS, only: list[str] | None = None) -> None:
     """Wall time by phase, peak per rank and plan of one compression in 1 process of 2 threads and in 2
     processes of 1 thread (torchrun, gloo), on the 1024-wide synthetic model (4 blocks) and SmolLM2."""
-    from rankcut.evaluation.speed import processor_name
+    from rankcut.evaluation.speed import cpu_of_others, processor_name
     from rankcut.models import checkpoint_folder
 
     results.mkdir(parents=True, exist_ok=True)
@@ -198,11 +200,13 @@ def measure_distributed(results: Path = RESULTS, only: list[str] | None = None) 
                     if cell.exists():
                         continue
                     load = os.getloadavg()[0]
-                    ranks = compress_in_fresh_processes(folder, allocator, nsamples, seqlen,
-                                                        Path(scratch) / f"out-{allocator}-{processes}", "cpu",
-                                                        "float32", threads, processes, cell.name)
+                    with cpu_of_others() as others:
+                        ranks = compress_in_fresh_processes(folder, allocator, nsamples, seqlen,
+                                                            Path(scratch) / f"out-{allocator}-{processes}", "cpu",
+                                                            "float32", threads, processes, cell.name)
                     record = {"suite": "distributed", "model": model, "allocator": allocator, "processes": processes,
                               "threads": threads, "nsamples": nsamples, "seqlen": seqlen, "load_before": load,
+                              "others_cpu_cores": others.get("cores"),
                               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "cpu": processor_name(),
                               "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in ranks],
                               "predicted_host_bytes": ranks[0]["predicted_host_bytes"],
@@ -224,9 +228,10 @@ def real_model_table(records: list[dict]) -> list[str]:
              "compressed through the Python API with the whole model loaded; perplexity over the first windows of the "
              "split. `peak`: the command's whole process (model load and save included); the cell's is its "
              "`compress` call with the model already loaded. `wall s`: the command, load to save; the cell's "
-             "compress seconds, of which calibration (near 0 where it read cached spectra).", "",
-             "| command | same plan as the cell | perplexity | ppl (cell) | peak GiB (cell) | wall s (cell: compress / calibration s) | cpu |",
-             "|---|---|---|---|---|---|---|"]
+             "compress seconds, of which calibration (near 0 where it read cached spectra). `others' CPU`: the cores "
+             "other processes used meanwhile (— where not measured).", "",
+             "| command | same plan as the cell | perplexity | ppl (cell) | peak GiB (cell) | wall s (cell: compress / calibration s) | others' CPU | cpu |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: r["command"]):
         ref = r["reference"]
         same = "yes" if ref["same_plan"] else f"no: {len(ref['modules_with_another_rank'])} modules differ"
@@ -235,7 +240,8 @@ def real_model_table(records: list[dict]) -> list[str]:
         lines.append(f"| `{r['command']}` | {same} | {ppl['dataset']} {ppl['split']}, {ppl['windows']} windows | "
                      f"{ppl['perplexity']:.4f} ({ref['perplexity']:.4f}) | "
                      f"{r['process_peak_rss_bytes'] / GiB:.2f} ({ref['peak_bytes'] / GiB:.2f}) | "
-                     f"{r['wall_seconds']:.0f} ({ref['compress_seconds']:.0f} / {ref['calibrate_seconds']:.0f}) | {cpus} |")
+                     f"{r['wall_seconds']:.0f} ({ref['compress_seconds']:.0f} / {ref['calibrate_seconds']:.0f}) | "
+                     f"{'—' if r.get('others_cpu_cores') is None else format(r['others_cpu_cores'], '.2f')} | {cpus} |")
     return lines
 
 
@@ -314,6 +320,14 @@ def predict(cell: dict) -> tuple[int, int]:
     return estimate.host_bytes, estimate.device_bytes
 
 
+def shared_cpu(cell: dict) -> str:
+    """The cores other processes used during the cell (measured), or for cells recorded before that
+    was measured, the load average before it (a hint only: it includes the script's own work)."""
+    if cell.get("others_cpu_cores") is not None:
+        return f"{cell['others_cpu_cores']:.2f}"
+    return f"load {cell.get('load_before', 0):.1f} before"
+
+
 def option_text(cell: dict) -> str:
     """The allocator options a cell ran with, as `` (steps=4)``; empty for the defaults."""
     options = cell.get("allocator_options") or {}
@@ -336,7 +350,7 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
              "by the estimator as it is when the page is rendered.", "",
              "| suite | device, dtype | blocks | allocator | calibration | peak GiB | predicted GiB | "
              "predicted / peak | device peak GiB (predicted) | wall s | "
-             "s per block (calibrate + decompose / allocate / factorize) | load before | cpu |",
+             "s per block (calibrate + decompose / allocate / factorize) | others' CPU | cpu |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     hosts = host_labels(cells)
     for c in sorted(cells, key=lambda c: (c["suite"], c["allocator"], c["blocks"])):
@@ -348,10 +362,13 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
         lines.append(f"| {c['suite']} | {c.get('device', 'cpu')}, {c.get('dtype', 'float32')} | {c['blocks']} | "
                      f"{c['allocator']}{option_text(c)} | {c['nsamples']} x {c['seqlen']} | {c['peak_rss_bytes'] / GiB:.2f} | "
                      f"{c['predicted_host_bytes'] / GiB:.2f} | {c['predicted_host_bytes'] / c['peak_rss_bytes']:.2f} | "
-                     f"{device_peak} | {c['wall_seconds']:.0f} | {per_block} | {c.get('load_before', 0):.1f} | "
+                     f"{device_peak} | {c['wall_seconds']:.0f} | {per_block} | {shared_cpu(c)} | "
                      f"{hosts.get(c.get('cpu'), '?')} |")
-    lines += ["", "`load before`: the machine's 1-minute load average when the cell started (2 cores): above about "
-              "1 the cell shared the CPU and its times are slower than the machine can do; peaks are unaffected.",
+    lines += ["", "`others' CPU`: the cores other processes used on average while the cell ran (the machine's busy "
+              "time less the cell's own, from /proc/stat; 2 cores): near 0, the cell ran alone; above about 0.2 its "
+              "times are slower than the machine can do; peaks are unaffected. Cells recorded before this was "
+              "measured show the 1-minute load average when they started instead, a hint only: it includes the "
+              "script's own writing of the checkpoint just before.",
               "`cpu`: the processor the cell ran on, as the sessions' hosts differ (times compare only on one; "
               "`?`: not recorded)." + "".join(f" {label}: {cpu}." for cpu, label in hosts.items()),
               "", "## Depth: peak growth over the shallowest model of each allocator", "",
@@ -392,7 +409,7 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
 def extrapolation(cells: list[dict]) -> list[str]:
     """Each phase's time per block of the deepest width cell, times 32 blocks: a LLaMA-2-7B compression on
     this machine, at the cell's calibration size."""
-    lines = []
+    lines, hosts = [], host_labels(cells)
     for allocator in sorted({c["allocator"] for c in cells if c["suite"] == "width"}):
         c = max((c for c in cells if c["suite"] == "width" and c["allocator"] == allocator), key=lambda c: c["blocks"])
         if not lines:
@@ -403,8 +420,10 @@ def extrapolation(cells: list[dict]) -> list[str]:
                      "|---|---|---|---|---|---|"]
         phases = [c["timings"].get(k, 0.0) / c["blocks"] * 32 / 3600
                   for k in ("calibrate + decompose", "allocate", "factorize")]
-        lines.append(f"| {allocator} | {c['blocks']} blocks, {c['nsamples']} x {c['seqlen']} tokens, load "
-                     f"{c.get('load_before', 0):.1f} | " + " | ".join(f"{h:.1f}" for h in phases) + f" | {sum(phases):.1f} |")
+        shared = shared_cpu(c) if c.get("others_cpu_cores") is None else f"others' CPU {shared_cpu(c)}"
+        lines.append(f"| {allocator} | {c['blocks']} blocks, {c['nsamples']} x {c['seqlen']} tokens, {shared}, cpu "
+                     f"{hosts.get(c.get('cpu'), '?')} | "
+                     + " | ".join(f"{h:.1f}" for h in phases) + f" | {sum(phases):.1f} |")
     return lines
 
 

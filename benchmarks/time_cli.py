@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rankcut.evaluation.speed import processor_name
+from rankcut.evaluation.speed import cpu_of_others, processor_name
 
 
 def run(command: list[str]) -> float:
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the rankcut command is not on PATH; pip install -e . first")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)  # the perplexity check writes beside it
-    wall = run([executable, "compress", *compress_args, "--out", str(args.artifact), "--overwrite"])
+    with cpu_of_others() as others:
+        wall = run([executable, "compress", *compress_args, "--out", str(args.artifact), "--overwrite"])
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB; the only child so far
     report = json.loads((args.artifact / "rankcut_report.json").read_text())
 
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "machine": platform.machine(), "cpus": len(os.sched_getaffinity(0)), "cpu": processor_name()},
         "wall_seconds": wall,
+        "others_cpu_cores": others.get("cores"),  # what other processes used meanwhile: ~0 when it ran alone
         "process_peak_rss_bytes": peak_rss,
         "timings": report["timings"],
         "memory": report["memory"],

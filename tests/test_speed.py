@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -132,3 +135,41 @@ def test_processor_name_reads_the_first_core_and_falls_back_without_cpuinfo(tmp_
     cpuinfo.write_text(core.format(0, "2600.000") + "\n" + core.format(1, "1200.000"))
     assert speed.processor_name(cpuinfo) == "Example CPU @ 2.60GHz (family 6 model 167, 2600.000 MHz, 16384 KB cache)"
     assert speed.processor_name(tmp_path / "absent")  # e.g. macOS: the platform's own name
+
+
+def _busy(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_cpu_of_others_subtracts_this_process_and_its_waited_children(tmp_path):
+    """The machine's busy time comes from a fake /proc/stat that grows by 3 s during the block; the
+    block itself burns CPU in this process and in a child it waits for: only the rest is others'."""
+    import resource
+    import subprocess
+
+    stat = tmp_path / "stat"
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def write_stat(busy_seconds: float) -> None:  # user nice system idle iowait irq softirq steal
+        stat.write_text(f"cpu  {int(busy_seconds * tick)} 0 0 5000 0 0 0 0 0 0\ncpu0 1 2 3 4\n")
+
+    def own() -> float:
+        usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        return sum(u.ru_utime + u.ru_stime for u in usages)
+
+    write_stat(100.0)
+    before, start = own(), time.perf_counter()
+    with speed.cpu_of_others(stat) as others:
+        _busy(0.3)
+        subprocess.run([sys.executable, "-c", "import time\nend = time.process_time() + 0.5\n"
+                        "while time.process_time() < end: pass"], check=True)
+        write_stat(104.0)
+        spent = own() - before
+    assert spent > 0.7  # the block's own CPU, child included
+    assert others["seconds"] == pytest.approx(4.0 - spent, abs=0.05)
+    assert others["cores"] == pytest.approx(others["seconds"] / (time.perf_counter() - start), rel=0.05)
+    with speed.cpu_of_others(tmp_path / "absent") as nothing:  # e.g. macOS
+        pass
+    assert nothing == {}

@@ -17,13 +17,16 @@ median ratio with its range over the rounds; a range that includes 1 is no measu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -43,6 +46,40 @@ def processor_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
               (line.split(":", 1) for line in first_core.splitlines() if ":" in line)}
     return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, "
             f"{fields.get('cpu MHz', '?')} MHz, {fields.get('cache size', '?')} cache)")
+
+
+def _machine_busy_seconds(stat: Path) -> float | None:
+    """CPU seconds all cores have spent busy since boot (``/proc/stat``; None where there is none)."""
+    try:
+        fields = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for."""
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usages)
+
+
+@contextlib.contextmanager
+def cpu_of_others(stat: Path = Path("/proc/stat")) -> Iterator[dict[str, float]]:
+    """Measure the CPU the rest of the machine used while the block ran: on exit the yielded dict gets
+    ``seconds`` (machine busy time less this process's and its waited-for children's) and ``cores``
+    (those seconds over the wall time). A load average read before a timing only hints that it ran
+    alone; this says whether it did. Children still running at exit count as others. Empty where the
+    machine has no ``/proc/stat``."""
+    measured: dict[str, float] = {}
+    busy, own, start = _machine_busy_seconds(stat), _own_cpu_seconds(), time.perf_counter()
+    try:
+        yield measured
+    finally:
+        after, wall = _machine_busy_seconds(stat), time.perf_counter() - start
+        if busy is not None and after is not None:
+            others = max(0.0, (after - busy) - (_own_cpu_seconds() - own))
+            measured.update(seconds=others, cores=others / wall if wall > 0 else 0.0)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
