@@ -143,7 +143,6 @@ def measure(suite: str, threads: int, results: Path = RESULTS, only: list[str] |
             write_checkpoint(folder, SHAPES[suite], blocks)
             for allocator in pending:
                 cell = results / f"{suite}-{blocks}-{allocator}.json"
-                load = os.getloadavg()[0]
                 with cpu_of_others() as others:
                     measured = compress_in_fresh_processes(folder, allocator, nsamples, seqlen,
                                                            Path(scratch) / f"out-{allocator}", device, dtype, threads, 1,
@@ -153,7 +152,7 @@ def measure(suite: str, threads: int, results: Path = RESULTS, only: list[str] |
                           "device_kind": device,
                           "nsamples": nsamples, "seqlen": seqlen, "threads": threads,
                           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "cpu": processor_name(),
-                          "load_before": load, "others_cpu_cores": others.get("cores"), **measured[0]}
+                          "others_cpu_cores": others.get("cores"), **measured[0]}
                 cell.write_text(json.dumps(record, indent=2))
                 print(f"{cell.name}: peak {record['peak_rss_bytes'] / GiB:.2f} GiB "
                       f"(predicted {record['predicted_host_bytes'] / GiB:.2f}), {record['wall_seconds']:.0f} s")
@@ -199,13 +198,12 @@ def measure_distributed(results: Path = RESULTS, only: list[str] | None = None) 
                     cell = results / f"distributed-{model}-{allocator}-{processes}x{threads}.json"
                     if cell.exists():
                         continue
-                    load = os.getloadavg()[0]
                     with cpu_of_others() as others:
                         ranks = compress_in_fresh_processes(folder, allocator, nsamples, seqlen,
                                                             Path(scratch) / f"out-{allocator}-{processes}", "cpu",
                                                             "float32", threads, processes, cell.name)
                     record = {"suite": "distributed", "model": model, "allocator": allocator, "processes": processes,
-                              "threads": threads, "nsamples": nsamples, "seqlen": seqlen, "load_before": load,
+                              "threads": threads, "nsamples": nsamples, "seqlen": seqlen,
                               "others_cpu_cores": others.get("cores"),
                               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "cpu": processor_name(),
                               "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in ranks],
