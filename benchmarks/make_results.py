@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rankcut.allocation import create_allocator
+from rankcut.evaluation.speed import SHARED_CPU_CORES
 from rankcut.evaluation.zeroshot import task_average
 from rankcut.plan import RankPlan
 from rankcut.plots import plot_pareto, plot_ranks
@@ -218,9 +219,6 @@ def reproduce_command(cell: dict) -> str:
 
 CALIBRATION_PHASE = "calibrate + decompose"
 CACHED_SECONDS = 10.0  # a cell whose calibration phase took less read cached spectra
-
-
-SHARED_CPU_CORES = 0.2  # other processes' mean use while a cell compressed above which its time is marked
 
 
 def compress_seconds_text(row: dict) -> str:

@@ -333,6 +333,8 @@ def option_text(cell: dict) -> str:
 
 
 def render(results: Path = RESULTS, page: Path = PAGE) -> None:
+    from rankcut.evaluation.speed import SHARED_CPU_CORES
+
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
     distributed = [c for c in records if c.get("suite") == "distributed"]
     commands = [c for c in records if "reference" in c]  # benchmarks/time_cli.py --cell runs of the real models
@@ -363,8 +365,8 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
                      f"{device_peak} | {c['wall_seconds']:.0f} | {per_block} | {shared_cpu(c)} | "
                      f"{hosts.get(c.get('cpu'), '?')} |")
     lines += ["", "`others' CPU`: the cores other processes used on average while the cell ran (the machine's busy "
-              "time less the cell's own, from /proc/stat; 2 cores): near 0, the cell ran alone; above about 0.2 its "
-              "times are slower than the machine can do; peaks are unaffected. Cells recorded before this was "
+              "time less the cell's own, from /proc/stat; 2 cores): near 0, the cell ran alone; from "
+              f"{SHARED_CPU_CORES} its times are slower than the machine can do; peaks are unaffected. Cells recorded before this was "
               "measured show the 1-minute load average when they started instead, a hint only: it includes the "
               "script's own writing of the checkpoint just before.",
               "`cpu`: the processor the cell ran on, as the sessions' hosts differ (times compare only on one; "

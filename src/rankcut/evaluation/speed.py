@@ -64,6 +64,9 @@ def _own_cpu_seconds() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usages)
 
 
+SHARED_CPU_CORES = 0.2  # other processes' mean use (cores) from which a timing counts as taken with company
+
+
 @contextlib.contextmanager
 def cpu_of_others(stat: Path = Path("/proc/stat")) -> Iterator[dict[str, float]]:
     """Measure the CPU the rest of the machine used while the block ran: on exit the yielded dict gets
