@@ -115,23 +115,25 @@ def run_compress(work=None, model=None, config=None, ids=None):
                     calibration=calibration_ids() if ids is None else ids, show_progress=False, work_dir=work)
 
 
-@pytest.mark.parametrize("closed_loop", ["none", "sequential", "compensate"])
+@pytest.mark.parametrize("closed_loop", ["none", "sequential", "compensate", "correct"])
 def test_interrupted_run_resumes_to_an_identical_result(tmp_path, decompositions, closed_loop):
     sequential = closed_loop != "none"
-    config = CompressionConfig(keep_ratio=0.6, allocator="energy", closed_loop=closed_loop)
+    rounds = {"correction_rounds": 2, "correction_windows": 4} if closed_loop == "correct" else {}
+    config = CompressionConfig(keep_ratio=0.6, allocator="energy", closed_loop=closed_loop, **rounds)
     reference, expected = run_compress(config=config)
     # 3 blocks. Open loop: stop in block 2. Closed loop: the open-loop pass (3 decompositions) and the
-    # plan are done, and the closed loop stops in its block 1 (compensate: at its second input group).
+    # plan are done, and the closed loop stops in its block 1 (compensate: at its second input group;
+    # correct: in its second round).
     decompositions.calls.clear()
-    decompositions.crash_at = {"none": 2, "sequential": 4, "compensate": 3 + 4 + 1}[closed_loop]
+    decompositions.crash_at = {"none": 2, "sequential": 4, "compensate": 3 + 4 + 1, "correct": 3 + 3 + 1}[closed_loop]
     with pytest.raises(Crash):
         run_compress(tmp_path / "work", config=config)
     assert (tmp_path / "work" / "plan.json").exists() == sequential
     decompositions.calls.clear()
     decompositions.crash_at = None
     model, report = run_compress(tmp_path / "work", config=config)
-    redone = {"none": [2], "sequential": [1, 2], "compensate": [1] * 4 + [2] * 4}[closed_loop]
-    assert decompositions.calls == redone  # finished blocks are not redone
+    redone = {"none": [2], "sequential": [1, 2], "compensate": [1] * 4 + [2] * 4, "correct": [1, 2]}[closed_loop]
+    assert decompositions.calls == redone  # finished blocks (and rounds) are not redone
     assert report.plan.to_dict() == expected.plan.to_dict()
     assert list(report.plan.ranks) == list(expected.plan.ranks)  # same order too
     assert list(report.diagnostics.items()) == list(expected.diagnostics.items())

@@ -151,7 +151,8 @@ def compress(
     seed: int = 0,
     closed_loop: Annotated[str, typer.Option(
         help="none | sequential (refit each block to the compressed upstream's inputs) | compensate (fit each "
-             "module's compressed-path output to the dense model's)")] = "none",
+             "module's compressed-path output to the dense model's) | correct (ZS-SVD's correction: pull each "
+             "truncated weight back towards the dense one along the loss gradient, decompose it again)")] = "none",
     compensation: Annotated[float, typer.Option(
         help="with --closed-loop compensate: the share of the upstream error each module compensates, in [0, 1] "
              "(1: fit the dense outputs; 0: the module's own weight on the compressed inputs)")] = 1.0,
@@ -163,6 +164,11 @@ def compress(
         help="with --closed-loop compensate: Adam steps per block on its factors towards the dense block's "
              "outputs, one calibration batch (--batch-size windows) per step")] = 0,
     refine_lr: float = 1e-4,
+    correction_rounds: Annotated[int, typer.Option(
+        help="with --closed-loop correct: rounds of a gradient sweep of the truncated model and a decomposition "
+             "of the corrected weights")] = 1,
+    correction_windows: Annotated[int, typer.Option(
+        help="with --closed-loop correct: calibration windows the mean gradient is taken over")] = 32,
     exclude: Annotated[list[str], typer.Option(help="module name patterns to keep dense, repeatable")] = [],
     data_dir: DataDirOption = None,
     device: str = "auto",
@@ -206,7 +212,7 @@ def compress(
         keep_ratio=keep, allocator=allocator, allocator_options=_parse_options(allocator_option),
         whitening=whitening, whitening_options=_parse_options(whitening_option), factor_format=factor_format,
         closed_loop=closed_loop, compensation=compensation, anchor=anchor, refine_steps=refine_steps, refine_lr=refine_lr,
-        exclude=list(exclude),
+        correction_rounds=correction_rounds, correction_windows=correction_windows, exclude=list(exclude),
         calibration=CalibrationConfig(calib, calib_split, nsamples, seqlen, seed, batch_size,
                                       str(data_dir) if data_dir else None),
     )

@@ -13,7 +13,9 @@ Phases (each timed in the report):
    compensates only that share of it (the rest of the fit is to the module's own weight on the
    compressed inputs), and ``anchor`` adds the dense fit on the dense inputs, which keeps the weight
    where the compressed inputs lost a direction instead of amplifying its remnant
-   (:meth:`PairedStatistics.fit_grams`).
+   (:meth:`PairedStatistics.fit_grams`). ``correct`` keeps the open-loop fit and applies ZS-SVD's weight
+   correction to the plan (:mod:`rankcut.correction`): rounds of a gradient sweep of the truncated
+   model and a decomposition of each weight pulled back towards the dense one along its gradient.
 
 With a work folder (:mod:`rankcut.workdir`) each block's spectra and the activations entering the next
 block are checkpointed as the passes go, and the plan once allocated, so a rerun after an interruption
@@ -42,7 +44,8 @@ from .allocation import AllocationContext, create_allocator
 from .artifacts import ArtifactWriter, check_output_folder
 from .calibration import BlockRun, BlockStream, InputStatistics, PairedStatistics
 from .checkpoint import CheckpointSource, ResidentWeights, outer_modules, tensor_names
-from .data import load_text, sample_calibration
+from .correction import pulled_weight, truncation_gradients
+from .data import load_text, sample_calibration, select_windows
 from .decomposition import RemoteSpectrum, Spectrum, whitened_svd
 from .distributed import Ranks
 from .errors import ConfigError, FactorizationError
@@ -56,15 +59,16 @@ from .plan import DENSE, FACTOR_FORMATS, Budget, RankPlan
 from .progress import progress_bar
 from .refine import refine_block
 from .registry import PluginConfig
-from .sweep import ModelStream
+from .sweep import ActivationStore, ModelStream
 from .targets import TargetModule, find_decoder_blocks, find_targets, set_submodule
 from .whitening import Whitening, create_whitener
 from .workdir import BlockCheckpoints, Resumed, WorkDir, record_differences, run_record
 
-# 2: closed_loop replaces the sequential flag; 3: anchor, 1 by default with compensate (earlier: 0). Older
-# configs still read, with what they meant.
-CONFIG_VERSION = 3
-CLOSED_LOOPS = ("none", "sequential", "compensate")
+# 2: closed_loop replaces the sequential flag; 3: anchor, 1 by default with compensate (earlier: 0); 4: closed_loop
+# correct, with correction_rounds and correction_windows. Older configs still read, with what they meant.
+CONFIG_VERSION = 4
+CLOSED_LOOPS = ("none", "sequential", "compensate", "correct")
+REFITTING = ("sequential", "compensate")  # closed loops that decompose every module again, block by block
 # The allocator with the best quality for its cost in benchmarks/RESULTS.md (SmolLM2, keep 0.8, PivGa, first
 # 100 WikiText-2 test windows: zerosum 36.88 in 2.5 min of allocation; ARA 37.51 in 10-18 min; uniform 49.89).
 DEFAULT_ALLOCATOR = "zerosum"
@@ -99,13 +103,15 @@ class CompressionConfig:
     whitening_options: dict[str, Any] = field(default_factory=dict)
     # PivGa by default: the same budget buys more rank (SmolLM2 keep 0.8: perplexity 92.9 -> 53.9, benchmarks/)
     factor_format: Literal["plain", "pivga"] = "pivga"
-    closed_loop: Literal["none", "sequential", "compensate"] = "none"
+    closed_loop: Literal["none", "sequential", "compensate", "correct"] = "none"
     compensation: float = 1.0  # closed_loop "compensate": share of the upstream error each module compensates
     # closed_loop "compensate": weight of the dense fit ‖(W − W_k) X‖² beside the compensating one. None: 1 with
     # compensate (SmolLM2 uniform keep 0.8: WikiText-2 42.54, C4 68.88 against 54.11 / 104.10 unanchored), else 0
     anchor: float | None = None
     refine_steps: int = 0  # Adam steps per block on its factors after the compensating fit (0: none)
     refine_lr: float = 1e-4
+    correction_rounds: int = 1  # closed_loop "correct": rounds of gradient sweep and decomposition
+    correction_windows: int = 32  # closed_loop "correct": calibration windows of the mean gradient (zerosum's 32)
     exclude: list[str] = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     version: int = CONFIG_VERSION
@@ -145,6 +151,15 @@ class CompressionConfig:
         if self.refine_steps and self.closed_loop != "compensate":
             raise ConfigError("refine_steps needs closed_loop 'compensate': refinement trains each block towards the "
                               "dense model's outputs, which only the compensating pass carries")
+        for name in ("correction_rounds", "correction_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.closed_loop != "correct" and any(getattr(self, name) != defaults[name]
+                                                  for name in ("correction_rounds", "correction_windows")):
+            raise ConfigError("correction_rounds and correction_windows set the weight correction: they need "
+                              "closed_loop 'correct'")
         if self.version > CONFIG_VERSION:
             raise ConfigError(f"config version {self.version} is newer than this rankcut supports ({CONFIG_VERSION})")
         self.calibration.validate()
@@ -493,7 +508,10 @@ def _check_memory(estimate: MemoryEstimate, limit: int | None) -> None:
     advice = {"calibrate": "fewer calibration tokens (--nsamples, --seqlen) or a smaller --batch-size",
               "allocate": "an allocator that does not run the model (uniform, energy), a streamed one "
                           "(zerosum), or a smaller batch_size / windows (-a KEY=VALUE)",
-              "factorize": "a machine with more memory"}[estimate.peak_stage]
+              "factorize": "a machine with more memory",
+              "correct: gradients": "fewer --correction-windows or a smaller --batch-size",
+              "correct: decompose": "fewer calibration tokens (--nsamples, --seqlen) or a smaller --batch-size"
+              }[estimate.peak_stage]
     raise ConfigError(f"this run is predicted to peak at {estimate.host_bytes / GiB:.1f} GiB of host memory (stage "
                       f"{estimate.peak_stage}), over the limit of {limit / GiB:.1f} GiB (--max-memory, default: "
                       f"the memory available now); try {advice}, or see `rankcut compress --dry-run`")
@@ -571,12 +589,14 @@ def _conduct(
         if ranks.all_min(int(plan is not None), "agreeing whether the plan is made") == 0:
             plan = None  # a rank stopped before saving it: every rank allocates again
         spectra: dict[str, Spectrum] = {}
-        closed_loop = config.closed_loop != "none"
-        # the closed loop decomposes again anyway: spectra only if the allocator needs them
-        if not closed_loop or (plan is None and allocator.needs_spectra):
+        refits = config.closed_loop in REFITTING
+        # every rank truncates every module: for the allocators that run the model, and for the correction
+        full = allocator.needs_model or config.closed_loop == "correct"
+        # a refitting closed loop decomposes again anyway: spectra only if the allocator needs them
+        if not refits or (plan is None and allocator.needs_spectra):
             with _phase(timings, "calibrate + decompose"):
-                checkpoints = _spectra_checkpoints(job, spectra_cache, full=allocator.needs_model)
-                curves = _collect_spectra(job, spectra, checkpoints, full=allocator.needs_model)
+                checkpoints = _spectra_checkpoints(job, spectra_cache, full=full)
+                curves = _collect_spectra(job, spectra, checkpoints, full=full)
             if output_dir is not None and curves:
                 _plot_whitening(curves, targets, Path(output_dir))
 
@@ -601,10 +621,12 @@ def _conduct(
                 work.save_plan(plan)
 
         with _phase(timings, "factorize"):
-            if closed_loop:
+            if refits:
                 spectra.clear()  # re-decomposed block by block against the compressed upstream blocks
                 factorize = _factorize_sequential if config.closed_loop == "sequential" else _factorize_compensating
                 factorize(job, plan)
+            elif config.closed_loop == "correct":
+                _factorize_corrected(job, spectra, plan)
             else:
                 _factorize_open_loop(job, spectra, plan)
             if writer is not None:
@@ -887,6 +909,80 @@ def _factorize_compensating(job: _Job, plan: RankPlan) -> None:
                                     progress=advance, start_block=state.next_block, hidden=state.hidden,
                                     on_outputs=checkpoints.save_activations if checkpoints is not None else None,
                                     dense_gram=config.anchor > 0)
+
+
+def _factorize_corrected(job: _Job, spectra: dict[str, Spectrum], plan: RankPlan) -> None:
+    """Correct the planned modules' spectra for ``correction_rounds`` rounds (:mod:`rankcut.correction`),
+    starting from the open-loop ``spectra``, then factorize from the last round's. Each round's spectra, cut
+    at the planned ranks, are checkpointed block by block in the work folder (without one, in a
+    temporary folder), so a rerun skips the rounds done and resumes the one it stopped in at its first
+    block not done; that round's gradient sweep runs again, and gives the same bits. The gradients wait
+    on disk between the sweep and the decomposition pass."""
+    config, ranks = job.config, job.decomposer.ranks
+    planned = {name: int(rank) for name, rank in plan.ranks.items() if rank != DENSE}
+    windows = select_windows(job.calibration, config.correction_windows, config.calibration.seed)
+    blocks = len(find_decoder_blocks(job.model)[1])
+    with tempfile.TemporaryDirectory(prefix=".rankcut-correct-",
+                                     dir=job.work.path if job.work is not None else None) as scratch:
+        stream = ModelStream(job.model, job.targets, job.weights, Path(scratch) / "sweep", ranks=ranks)
+        gradients = ActivationStore(Path(scratch) / "gradients")
+        current: Mapping[str, Spectrum] = spectra
+        for round_ in range(1, config.correction_rounds + 1):
+            checkpoints = (job.work.blocks(f"correct-{round_}", blocks) if job.work is not None
+                           else BlockCheckpoints(Path(scratch) / f"round-{round_}", blocks))
+            current = _correction_round(job, stream, current, planned, windows, gradients, checkpoints, round_)
+        _factorize_open_loop(job, dict(current), plan)
+
+
+def _correction_round(job: _Job, stream: ModelStream, spectra: Mapping[str, Spectrum], planned: Mapping[str, int],
+                      windows: torch.Tensor, gradients: ActivationStore, checkpoints: BlockCheckpoints,
+                      round_: int) -> dict[str, Spectrum]:
+    """One round: the gradients of the model truncated by ``spectra`` at the ``planned`` ranks, then the
+    calibration pass in which each planned module's pulled weight is decomposed under its whitening;
+    returns the new spectra (cut at the planned ranks, read from ``checkpoints``)."""
+    model, decomposer = job.model, job.decomposer
+    state = _resume(checkpoints, stream.device, decomposer)
+    corrected = dict(state.spectra)
+    passes = job.block_stream()
+    if state.next_block == len(passes.blocks):
+        return corrected
+    label = f"correct, round {round_}/{job.config.correction_rounds}"
+    with progress_bar(f"{label}: gradients of the truncated model", total=2 * stream.blocks,
+                      enabled=job.show_progress) as advance:
+        truncation_gradients(stream, spectra, planned, windows, job.config.calibration.batch_size, gradients,
+                             from_block=state.next_block, progress=advance)
+
+    def correct_block(run: BlockRun) -> None:
+        decomposer.owners.update(run.owners)
+        names = [t.name for t in run.targets]
+        block_gradients = gradients.take(run.index, torch.device("cpu"))
+        steps, swapped = {}, []
+        try:
+            for name in (n for n in names if n in planned):
+                weight = model.get_submodule(name).weight
+                a, b = spectra[name].factors(planned[name], dtype=torch.float64)
+                pulled, steps[name] = pulled_weight(weight.detach().cpu(), a @ b, block_gradients[name])
+                swapped.append((weight, weight.data))
+                weight.data = pulled.to(dtype=weight.dtype, device=weight.device)
+            earlier = {name: decomposer.diagnostics.get(name, {}).get("correction", []) for name in steps}
+            local = decomposer.spectra(run)  # the groups this rank owns, decomposed from the pulled weights
+        finally:
+            for weight, original in swapped:
+                weight.data = original
+        for name in local:
+            if name in steps:
+                decomposer.diagnostics[name]["correction"] = earlier[name] + [steps[name]]
+        block_spectra = decomposer.share(names, local, full=True)
+        kept = {name: spectrum.leading(planned[name]) for name, spectrum in block_spectra.items() if name in planned}
+        checkpoints.save_block(run.index, kept, {n: decomposer.diagnostics[n] for n in names}, owners=run.owners)
+        corrected.update(checkpoints.stored(run.index)[0])
+
+    with progress_bar(f"{label}: decompose the corrected weights", total=len(passes.blocks),
+                      enabled=job.show_progress) as advance:
+        advance(state.next_block)
+        passes.run(correct_block, progress=advance, start_block=state.next_block, hidden=state.hidden,
+                   on_outputs=checkpoints.save_activations)
+    return corrected
 
 
 def _measure(model, targets, budget, plan, dense_params, dense_bytes) -> dict[str, int | float]:

@@ -229,3 +229,11 @@ def sample_calibration(tokenizer, corpus: TextCorpus, nsamples: int, seqlen: int
     if bos is not None:
         stacked = torch.cat([torch.full((nsamples, 1), bos, dtype=torch.long), stacked], dim=1)
     return stacked
+
+
+def select_windows(calibration: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
+    """``count`` calibration rows chosen with ``seed`` (all rows, in order, when None or too many)."""
+    if count is None or count >= calibration.shape[0]:
+        return calibration
+    order = torch.randperm(calibration.shape[0], generator=torch.Generator().manual_seed(seed))
+    return calibration[order[:count]]

@@ -13,8 +13,11 @@ largest stage:
   (zerosum), its probes (strs) or its gated factors and one batch's autograd tensors (ara, fermigrad,
   dobi), or the head and one chunk of logits, whichever is larger;
 - **factorize and write**: one block's weights and float64 factors, or the embeddings and head when the
-  last shard is written; a closed loop adds the calibration stream again (``compensate``: two of them,
-  dense and compressed, and one input group's cross-Gram; with an anchor its dense Gram too).
+  last shard is written; a refitting closed loop adds the calibration stream again (``compensate``: two
+  of them, dense and compressed, and one input group's cross-Gram; with an anchor its dense Gram too);
+- **correct** (``closed_loop="correct"``), each round: a gradient sweep of the truncated model over the
+  correction windows (as zerosum's), then the calibration stream again, with one block's pulled weights
+  beside the decompositions. On disk: the planned modules' gradients (float32) and each round's spectra.
 
 On CUDA the blocks, activations and allocator work are on the device; Grams and decompositions stay on
 the host. Disk: the spectra (``U`` and ``Bfull`` in float32), two blocks' activations, what an
@@ -152,7 +155,25 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
     host_side = {"calibrate": {"Grams": grams, "decompositions": decomposition},
                  "allocate": {},
                  "factorize": {"block factors (float64)": 2 * block * 8}}
-    if config.closed_loop != "none":  # the closed loop streams the calibration data again, block by block
+    correction_disk = 0
+    if config.closed_loop == "correct":
+        batch = min(calibration.batch_size, calibration.nsamples)
+        windows = min(config.correction_windows, calibration.nsamples)
+        autograd_block = _autograd_block(batch, calibration.seqlen, hidden, intermediate, heads, size)
+        sweep, sweep_disk = _gradient_sweep_terms(windows * calibration.seqlen, batch * (calibration.seqlen - 1),
+                                                  targets, block, outer, size, hidden, vocab, len(blocks), autograd_block,
+                                                  scores=False)
+        run_side["correct: gradients"], host_side["correct: gradients"] = sweep, {}
+        run_side["correct: decompose"] = {**run_side["calibrate"], "pulled weights of one block": block * size}
+        # W, T, g, W − T and W' of the largest module in float64, before its decomposition
+        pulled = max(5 * 8 * t.out_features * t.in_features for t in targets)
+        host_side["correct: decompose"] = {**host_side["calibrate"],
+                                           "decompositions": max(decomposition, pulled)}
+        # the gradients of every module (at most: only planned ones are kept), each round's spectra (at most the
+        # full ones: they are cut at the planned ranks)
+        correction_disk = 4 * sum(t.out_features * t.in_features for t in targets) + sweep_disk \
+            + config.correction_rounds * spectra_disk
+    if config.closed_loop in ("sequential", "compensate"):  # the calibration data streams again, block by block
         widest = max(t.in_features for t in targets)
         streams = 2 if config.closed_loop == "compensate" else 1  # compensate: the dense and the compressed path
         run_side["factorize"].update({"calibration activations": streams * activations,
@@ -191,7 +212,7 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
     return MemoryEstimate(
         host_bytes=RUNTIME_BYTES + max(host_stages.values()),
         device_bytes=max(device_stages.values()) if on_device else 0,
-        disk_bytes=spectra_disk + 2 * tokens * hidden * size + sweep + artifact,  # the last two blocks' inputs
+        disk_bytes=spectra_disk + 2 * tokens * hidden * size + sweep + correction_disk + artifact,  # + two blocks' inputs
         stages=device_stages if on_device else host_stages,
         terms={k: v for k, v in shown[peak].items() if v},
     )
@@ -208,13 +229,34 @@ def _allocator_terms(config, targets, total: int, block: int, outer: int, size: 
     batch = min(getattr(options, "batch_size", 2), config.calibration.nsamples)
     seqlen = getattr(options, "seqlen", None) or config.calibration.seqlen
     seqlen = min(seqlen, config.calibration.seqlen)
-    tokens = batch * seqlen
-    # what autograd keeps per token of a block: about 12 hidden-wide tensors (norms, projections' inputs
-    # and outputs, rotary, attention) and 4 intermediate-wide (gate, up, activation, product), plus the
-    # attention probabilities
-    autograd_block = tokens * (12 * hidden + 4 * intermediate) * size + batch * heads * seqlen * seqlen * 4
+    autograd_block = _autograd_block(batch, seqlen, hidden, intermediate, heads, size)
     return _streamed_terms(config, options, targets, block, outer, size, hidden, intermediate, vocab, blocks,
                            autograd_block, batch, seqlen)[0]
+
+
+def _autograd_block(batch: int, seqlen: int, hidden: int, intermediate: int, heads: int, size: int) -> int:
+    """What autograd keeps for one batch through a block: per token about 12 hidden-wide tensors (norms,
+    projections' inputs and outputs, rotary, attention) and 4 intermediate-wide (gate, up, activation,
+    product), plus the attention probabilities."""
+    return batch * seqlen * (12 * hidden + 4 * intermediate) * size + batch * heads * seqlen * seqlen * 4
+
+
+def _gradient_sweep_terms(tokens: int, batch_tokens: int, targets, block: int, outer: int, size: int, hidden: int,
+                          vocab: int, blocks: int, autograd_block: int, scores: bool) -> tuple[dict[str, int], int]:
+    """The largest stage of a gradient sweep over ``tokens`` (zerosum's ``scores``, or the correction's
+    gradients): one block with its weight gradients and saved inputs, or the head; and its disk (every
+    block's saved inputs)."""
+    saved = tokens * hidden * size
+    chunk_logits = 5 * 4 * vocab * min(LOGITS_BYTES // (4 * vocab), batch_tokens)
+    # the float64 projection of the largest module's gradient onto its spectrum: G, U, Bfull, G Bfullᵀ
+    projection = max(8 * (2 * t.out_features * t.in_features + t.out_features * min(t.shape)
+                          + min(t.shape) * t.in_features) for t in targets) if scores else 0
+    stages = [{"block weights and gradient sums": block * (size + max(size, 4)),
+               "saved inputs and their gradients": 3 * saved, "block autograd": autograd_block,
+               "score projection (float64)": projection},
+              {"embeddings and head": outer * size, "last outputs and their gradient": 2 * saved,
+               "logits of one chunk": chunk_logits}]
+    return max(stages, key=lambda terms: sum(terms.values())), blocks * saved
 
 
 def _streamed_terms(config, options, targets, block: int, outer: int, size: int, hidden: int, intermediate: int,
@@ -251,16 +293,9 @@ def _streamed_terms(config, options, targets, block: int, outer: int, size: int,
                   {"embeddings and head": outer * size, "last outputs and their gradient": 2 * saved + reference,
                    "logits of one chunk": chunk_logits}]
         return max(stages, key=lambda terms: sum(terms.values())), blocks * saved
-    saved = min(options.windows or config.calibration.nsamples, config.calibration.nsamples) * config.calibration.seqlen * hidden * size
-    # the float64 projection of the largest module's gradient onto its spectrum: G, U, Bfull, G Bfullᵀ
-    projection = max(8 * (2 * t.out_features * t.in_features + t.out_features * min(t.shape)
-                          + min(t.shape) * t.in_features) for t in targets)
-    stages = [{"block weights and gradient sums": block * (size + max(size, 4)),
-               "saved inputs and their gradients": 3 * saved, "block autograd": autograd_block,
-               "score projection (float64)": projection},
-              {"embeddings and head": outer * size, "last outputs and their gradient": 2 * saved,
-               "logits of one chunk": chunk_logits}]
-    return max(stages, key=lambda terms: sum(terms.values())), blocks * saved
+    windows = min(options.windows or config.calibration.nsamples, config.calibration.nsamples)
+    return _gradient_sweep_terms(windows * config.calibration.seqlen, batch * (seqlen - 1), targets, block, outer,
+                                 size, hidden, vocab, blocks, autograd_block, scores=True)
 
 
 def _product(shape: tuple[int, ...]) -> int:

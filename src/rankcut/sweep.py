@@ -23,7 +23,7 @@ import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Iterator
+from typing import Callable, Hashable, Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from .calibration import BlockStream, block_output
 from .checkpoint import ResidentWeights, outer_modules, tensor_names
+from .decomposition import Spectrum
 from .distributed import Ranks
 from .targets import TargetModule, find_decoder_blocks
 
@@ -382,6 +383,26 @@ class ModelStream:
                                 summed, store_dir=self.store_dir, change=change, progress=progress,
                                 reference=reference)
         return float(self._summed(torch.tensor([loss], dtype=torch.float64), weight, "summing the loss"))
+
+    def truncated(self, spectra: Mapping[str, Spectrum], ranks: Mapping[str, int]) -> BlockChange:
+        """A change under which each target named in ``ranks`` computes with its rank-k whitened truncation
+        ``A_k B_k`` (from ``spectra``) in place of its weight, in every block; the others keep theirs."""
+
+        @contextlib.contextmanager
+        def change(index: int, _block: nn.Module) -> Iterator[None]:
+            swapped = []
+            try:
+                for target in (t for t in self.targets if t.block == index and t.name in ranks):
+                    weight = self.model.get_submodule(target.name).weight
+                    a, b = spectra[target.name].factors(ranks[target.name], dtype=torch.float64)
+                    swapped.append((weight, weight.data))
+                    weight.data = (a @ b).to(dtype=weight.dtype, device=weight.device)
+                yield
+            finally:
+                for weight, original in swapped:
+                    weight.data = original
+
+        return change
 
     def final_hidden(self, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
         """:func:`final_hidden` of this model on this rank's share of ``windows`` (the dense model's,

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import select_windows
 from ..decomposition import Spectrum
 from ..errors import ConfigError
 from ..plan import DENSE, Budget, Rank
@@ -42,7 +43,6 @@ from ..workdir import write_json
 from .base import ALLOCATORS, Allocation, AllocationContext, Allocator, Priority
 from .baselines import uniform_rank
 from .spectral import spectral_view
-from .zerosum import select_windows
 
 CACHE_VERSION = 2  # 2: tables measured by the streamed pass
 

@@ -31,15 +31,15 @@ this allocator only chooses ranks.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
+from ..data import select_windows
 from ..decomposition import Spectrum
 from ..errors import ConfigError
 from ..plan import DENSE, Budget, Rank
@@ -88,23 +88,8 @@ def component_scores(stream: ModelStream, spectra: Mapping[str, Spectrum], windo
             scores[name] = (-sigma * ((g @ b_full.T) * u).sum(dim=0)).cpu()
 
     truncated = {name: int(rank) for name, rank in (ranks or {}).items() if rank != DENSE}
-
-    @contextlib.contextmanager
-    def run_truncated(index: int, _block: torch.nn.Module) -> Iterator[None]:
-        """Each truncated target of the block computes with its rank-k whitened truncation ``A_k B_k``."""
-        swapped = []
-        try:
-            for target in (t for t in stream.targets if t.block == index and t.name in truncated):
-                weight = stream.model.get_submodule(target.name).weight
-                a, b = spectra[target.name].factors(truncated[target.name], dtype=torch.float64)
-                swapped.append((weight, weight.data))
-                weight.data = (a @ b).to(dtype=weight.dtype, device=weight.device)
-            yield
-        finally:
-            for weight, original in swapped:
-                weight.data = original
-
-    stream.weight_gradients(windows, batch_size, project, change=run_truncated if truncated else None, progress=advance)
+    change = stream.truncated(spectra, truncated) if truncated else None
+    stream.weight_gradients(windows, batch_size, project, change=change, progress=advance)
     return {t.name: scores[t.name] for t in stream.targets}
 
 
@@ -221,11 +206,3 @@ class ZeroSumAllocator(Allocator):
             "seconds": seconds,
         }
         return Allocation(ranks, info, priority)
-
-
-def select_windows(calibration: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
-    """``count`` calibration rows chosen with ``seed`` (all rows, in order, when None or too many)."""
-    if count is None or count >= calibration.shape[0]:
-        return calibration
-    order = torch.randperm(calibration.shape[0], generator=torch.Generator().manual_seed(seed))
-    return calibration[order[:count]]
