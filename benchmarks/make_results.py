@@ -24,8 +24,9 @@ from rankcut.evaluation.zeroshot import task_average
 from rankcut.plan import RankPlan
 from rankcut.plots import plot_pareto, plot_ranks
 
-# The closed-loop part of a cell's name, as compress_matrix.py writes it (-compensate0.5-anchor1-refine32).
-CLOSED_LOOP_SUFFIX = re.compile(r"^-(?:sequential|compensate[\d.]*(?:-anchor[\d.]+)?(?:-refine\d+)?)")
+# The closed-loop part of a cell's name, as compress_matrix.py writes it (-compensate0.5-anchor1-refine32,
+# -correct2).
+CLOSED_LOOP_SUFFIX = re.compile(r"^-(?:sequential|correct\d*|compensate[\d.]*(?:-anchor[\d.]+)?(?:-refine\d+)?)")
 MISSING = "—"
 # Zero-shot figures over fewer items per task than this are not shown: at 25 items a task's accuracy
 # swings by ±0.1 and the dense model averaged below compressed ones (issue 21). `main` sets the figure in
@@ -149,6 +150,8 @@ def closed_loop(cell: dict) -> tuple[str, int]:
         mode += f" {config['compensation']:g}"
     if config.get("anchor", 0.0):
         mode += f" anchor {config['anchor']:g}"
+    if config.get("correction_rounds", 1) != 1:
+        mode += f" {config['correction_rounds']} rounds"
     return mode, config.get("refine_steps", 0)
 
 
@@ -214,6 +217,8 @@ def reproduce_command(cell: dict) -> str:
         parts.append(f"--anchor {config.get('anchor', 0.0):g}")
     if steps:
         parts.append(f"--refine-steps {steps} --refine-lr {config['refine_lr']:g}")
+    if config.get("correction_rounds", 1) != 1:
+        parts.append(f"--correction-rounds {config['correction_rounds']}")
     return " ".join(parts)
 
 
@@ -409,7 +414,7 @@ def closed_loop_tables(cells: list[dict]) -> list[str]:
     blocks whose refined factors were kept, and the time factorization took (where the levers cost)."""
     lines = []
     looped = [c for c in cells if closed_loop(c) != ("none", 0)]
-    order = {"none": 0, "sequential": 1, "compensate": 2}
+    order = {"none": 0, "sequential": 1, "compensate": 2, "correct": 3}
     groups = {(c["report"]["config"]["allocator"], allocator_tag(c), setting(c)) for c in looped}
     for allocator, variant, cell_setting in sorted(groups):
         def member(cell: dict) -> bool:

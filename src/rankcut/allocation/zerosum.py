@@ -26,7 +26,8 @@ parameters to remove; before each share the scores are computed again at the pla
 truncated targets run as their rank-k whitened truncations, so the first-order model is re-centred
 where the previous stages left it. Each stage costs one gradient sweep. Unlike ZS-SVD, the factors are
 not recomputed between stages (the spectra are the open-loop ones) and there is no weight correction:
-this allocator only chooses ranks.
+this allocator only chooses ranks (ZS-SVD's correction is ``closed_loop="correct"``, on the final plan,
+:mod:`rankcut.correction`).
 """
 
 from __future__ import annotations
