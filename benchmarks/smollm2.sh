@@ -110,6 +110,18 @@ for A in uniform zerosum; do
 done
 python benchmarks/scale.py --render > /dev/null
 
+# Dobi with issue 18's training (one epoch, lr 2 as before: not tuned), beside its 150-step cells.
+$MATRIX $EPOCH --allocators dobi --keeps 0.8 0.6 --tag=-epoch1-lr2 --allocator-options '{"dobi": {"epochs": 1, "lr": 2.0}}'
+# Block refinement's lr and steps on one block of the zerosum keep-0.8 model (held-out: 32 C4 validation windows;
+# resumes: runs already recorded are skipped).
+python benchmarks/refine_tuning.py \
+    "$ARTIFACTS/cli-zerosum-pivga-keep0.8" --blocks 4 --steps 32 128 --lrs 1e-4 1e-3 \
+    --out $R/refine-tuning-zerosum-keep0.8.json
+# ZS-SVD's weight correction (--closed-loop correct, one round) after zerosum's plan.
+$MATRIX $LOOP --allocators zerosum --keeps 0.8 0.6 --closed-loops correct
+# STRS's sensitivity set at four times the default tokens (8 x 256 against 2 x 256; ASVD: 32 x 2048).
+$MATRIX $EPOCH --allocators strs --keeps 0.8 0.6 --tag=-w8-t256 --allocator-options '{"strs": {"windows": 8, "tokens": 256}}'
+
 # Closed-loop cells not measured yet (20-80 min each here); resuming the script runs them.
 $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --compensations 0.5
 $MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 --closed-loops compensate --refine-steps 128
