@@ -117,8 +117,9 @@ $MATRIX $EPOCH --allocators dobi --keeps 0.8 0.6 --tag=-epoch1-lr2 --allocator-o
 python benchmarks/refine_tuning.py \
     "$ARTIFACTS/cli-zerosum-pivga-keep0.8" --blocks 4 --steps 32 128 --lrs 1e-4 1e-3 \
     --out $R/refine-tuning-zerosum-keep0.8.json
-# ZS-SVD's weight correction (--closed-loop correct, one round) after zerosum's plan.
+# ZS-SVD's weight correction (--closed-loop correct, one round) after zerosum's plan; the full test split at 0.8.
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 0.6 --closed-loops correct
+$MATRIX ${LOOP/--eval/--eval wikitext2:test} --allocators zerosum --keeps 0.8 --closed-loops correct
 # STRS's sensitivity set at four times the default tokens (8 x 256 against 2 x 256; ASVD: 32 x 2048).
 $MATRIX $EPOCH --allocators strs --keeps 0.8 0.6 --tag=-w8-t256 --allocator-options '{"strs": {"windows": 8, "tokens": 256}}'
 
