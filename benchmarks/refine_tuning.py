@@ -56,7 +56,7 @@ def main() -> None:
                                              args.nsamples, args.seqlen, seed=0)
     held_out = rankcut.sample_calibration(tokenizer, rankcut.load_text("c4", "validation"),
                                           args.held_out, args.seqlen, seed=1)
-    record = {"artifact": str(args.artifact), "model": args.model, "nsamples": args.nsamples,
+    record = {"artifact": args.artifact.name, "model": args.model, "nsamples": args.nsamples,
               "held_out_c4_windows": args.held_out, "seqlen": args.seqlen, "batch_size": args.batch_size,
               "blocks": {}}
     if args.out.exists():  # resume: the runs already recorded are not made again
