@@ -50,12 +50,12 @@ def truncation_gradients(stream: ModelStream, spectra: Mapping[str, Spectrum], r
                          windows: torch.Tensor, batch_size: int, store: ActivationStore, *, from_block: int = 0,
                          progress: Callable[..., None] | None = None) -> float:
     """The mean loss gradient over ``windows`` with respect to every target weight, at the model whose
-    modules in ``ranks`` run truncated (:meth:`ModelStream.truncated`); each block's gradients from
-    ``from_block`` on go to ``store`` under the block's index (float32). Returns the loss."""
+    modules in ``ranks`` run truncated (:meth:`ModelStream.truncated`); the gradients of those modules, for
+    each block from ``from_block`` on, go to ``store`` under the block's index (float32). Returns the loss."""
 
     def keep(index: int, gradients: dict[str, torch.Tensor]) -> None:
         if index >= from_block:
-            store.put(index, {name: g.float().cpu() for name, g in gradients.items()})
+            store.put(index, {name: g.float().cpu() for name, g in gradients.items() if name in ranks})
 
     return stream.weight_gradients(windows, batch_size, keep, change=stream.truncated(spectra, ranks),
                                    progress=progress)

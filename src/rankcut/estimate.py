@@ -169,8 +169,8 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
         pulled = max(5 * 8 * t.out_features * t.in_features for t in targets)
         host_side["correct: decompose"] = {**host_side["calibrate"],
                                            "decompositions": max(decomposition, pulled)}
-        # the gradients of every module (at most: only planned ones are kept), each round's spectra (at most the
-        # full ones: they are cut at the planned ranks)
+        # the planned modules' gradients (at most every module's), each round's spectra (at most the full ones:
+        # they are cut at the planned ranks)
         correction_disk = 4 * sum(t.out_features * t.in_features for t in targets) + sweep_disk \
             + config.correction_rounds * spectra_disk
     if config.closed_loop in ("sequential", "compensate"):  # the calibration data streams again, block by block
