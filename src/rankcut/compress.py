@@ -960,8 +960,8 @@ def _correction_round(job: _Job, stream: ModelStream, spectra: Mapping[str, Spec
         try:
             for name in (n for n in names if n in planned):
                 weight = model.get_submodule(name).weight
-                a, b = spectra[name].factors(planned[name], dtype=torch.float64)
-                pulled, steps[name] = pulled_weight(weight.detach().cpu(), a @ b, block_gradients[name])
+                pulled, steps[name] = pulled_weight(weight.detach().cpu(), spectra[name].truncation(planned[name]),
+                                                    block_gradients[name])
                 swapped.append((weight, weight.data))
                 weight.data = pulled.to(dtype=weight.dtype, device=weight.device)
             earlier = {name: decomposer.diagnostics.get(name, {}).get("correction", []) for name in steps}

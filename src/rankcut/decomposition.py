@@ -43,6 +43,11 @@ class Spectrum:
         b = root[:, None] * self.b_full[:rank].double()
         return a.to(dtype), b.to(dtype)
 
+    def truncation(self, rank: int) -> torch.Tensor:
+        """``A_k B_k`` (float64): the weight the rank-``k`` factors apply."""
+        a, b = self.factors(rank, dtype=torch.float64)
+        return a @ b
+
     def leading(self, rank: int) -> "Spectrum":
         """The first ``rank`` components: the same rank-``k`` factors for every ``k <= rank``, bit for bit."""
         return Spectrum(self.u[:, :rank], self.sigma[:rank], self.b_full[:rank])

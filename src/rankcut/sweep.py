@@ -394,9 +394,9 @@ class ModelStream:
             try:
                 for target in (t for t in self.targets if t.block == index and t.name in ranks):
                     weight = self.model.get_submodule(target.name).weight
-                    a, b = spectra[target.name].factors(ranks[target.name], dtype=torch.float64)
+                    truncation = spectra[target.name].truncation(ranks[target.name])
                     swapped.append((weight, weight.data))
-                    weight.data = (a @ b).to(dtype=weight.dtype, device=weight.device)
+                    weight.data = truncation.to(dtype=weight.dtype, device=weight.device)
                 yield
             finally:
                 for weight, original in swapped:
