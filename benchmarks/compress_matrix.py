@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine-lr", type=float, default=rankcut.CompressionConfig.refine_lr)
     parser.add_argument("--correction-rounds", nargs="+", type=int, default=[1],
                         help="weight-correction rounds, for --closed-loops correct (cells other than 1 named -correctN)")
+    parser.add_argument("--correction-steps", nargs="+", type=float, default=[1.0],
+                        help="shares of the correction's step, for --closed-loops correct (cells other than 1 named "
+                             "-stepS)")
     parser.add_argument("--tag", default="", help="suffix for cell names (e.g. an ablation label)")
     parser.add_argument("--spectra-cache", type=Path, help="reuse spectra across cells with the same calibration")
     args = parser.parse_args(argv)
@@ -345,16 +348,17 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
     cells = itertools.product(args.calib, args.whitenings, args.allocators, args.formats, args.keeps,
                               args.closed_loops, args.compensations, args.anchors, args.refine_steps,
-                              args.correction_rounds)
+                              args.correction_rounds, args.correction_steps)
     for (calib, whitening, allocator, factor_format, keep, closed_loop, compensation, anchor, refine_steps,
-         rounds) in cells:
+         rounds, step) in cells:
         if (refine_steps or compensation != 1.0 or anchor) and closed_loop != "compensate":
             continue  # refinement, the blend and the anchor apply to the compensating fit only
-        if rounds != 1 and closed_loop != "correct":
+        if (rounds != 1 or step != 1.0) and closed_loop != "correct":
             continue
         dataset, split = calib.split(":")
         loop = "" if closed_loop == "none" else f"-{closed_loop}" + (f"{compensation:g}" if compensation != 1.0 else "")
         loop += f"{rounds}" if rounds != 1 else ""
+        loop += f"-step{step:g}" if step != 1.0 else ""
         loop += f"-anchor{anchor:g}" if anchor else ""
         refine = f"-refine{refine_steps}" if refine_steps else ""
         cell = f"{allocator}-{factor_format}-{whitening}-keep{keep:g}-{dataset}{loop}{refine}{args.tag}"
@@ -363,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             keep_ratio=keep, allocator=allocator, allocator_options=allocator_options.get(allocator, {}),
             whitening=whitening, factor_format=factor_format, closed_loop=closed_loop, compensation=compensation,
             anchor=anchor, refine_steps=refine_steps, refine_lr=args.refine_lr, correction_rounds=rounds,
+            correction_step=step,
             calibration=rankcut.CalibrationConfig(dataset=dataset, split=split,
                                                   nsamples=args.nsamples, seqlen=args.seqlen))
         if path.exists():

@@ -25,8 +25,8 @@ from rankcut.plan import RankPlan
 from rankcut.plots import plot_pareto, plot_ranks
 
 # The closed-loop part of a cell's name, as compress_matrix.py writes it (-compensate0.5-anchor1-refine32,
-# -correct2).
-CLOSED_LOOP_SUFFIX = re.compile(r"^-(?:sequential|correct\d*|compensate[\d.]*(?:-anchor[\d.]+)?(?:-refine\d+)?)")
+# -correct2-step0.5).
+CLOSED_LOOP_SUFFIX = re.compile(r"^-(?:sequential|correct\d*(?:-step[\d.]+)?|compensate[\d.]*(?:-anchor[\d.]+)?(?:-refine\d+)?)")
 MISSING = "—"
 # Zero-shot figures over fewer items per task than this are not shown: at 25 items a task's accuracy
 # swings by ±0.1 and the dense model averaged below compressed ones (issue 21). `main` sets the figure in
@@ -152,6 +152,8 @@ def closed_loop(cell: dict) -> tuple[str, int]:
         mode += f" anchor {config['anchor']:g}"
     if config.get("correction_rounds", 1) != 1:
         mode += f" {config['correction_rounds']} rounds"
+    if config.get("correction_step", 1.0) != 1.0:
+        mode += f" step {config['correction_step']:g}"
     return mode, config.get("refine_steps", 0)
 
 
@@ -219,6 +221,8 @@ def reproduce_command(cell: dict) -> str:
         parts.append(f"--refine-steps {steps} --refine-lr {config['refine_lr']:g}")
     if config.get("correction_rounds", 1) != 1:
         parts.append(f"--correction-rounds {config['correction_rounds']}")
+    if config.get("correction_step", 1.0) != 1.0:
+        parts.append(f"--correction-step {config['correction_step']:g}")
     return " ".join(parts)
 
 

@@ -139,6 +139,7 @@ def test_compress_with_the_compensating_closed_loop_and_refinement(tiny_folder, 
     (["--closed-loop", "always"], "closed_loop must be one of"),
     (["--refine-steps", "5"], "refine_steps needs closed_loop 'compensate'"),
     (["--correction-rounds", "2"], "need closed_loop 'correct'"),
+    (["--closed-loop", "correct", "--correction-step", "1.5"], "correction_step must be in (0, 1]"),
     (["--closed-loop", "compensate", "--refine-steps", "-2"], "refine_steps must be an integer >= 0"),
     (["--closed-loop", "compensate", "--compensation", "1.2"], "compensation must be in [0, 1]"),
 ])

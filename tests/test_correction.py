@@ -28,6 +28,10 @@ def test_the_pulled_weight_undoes_the_first_order_change_along_the_gradient():
     assert step["relative_step"] == pytest.approx(float(change.norm() / (weight - truncation).norm()))
     unmoved, nothing = pulled_weight(weight, truncation, torch.zeros_like(gradient))
     assert torch.equal(unmoved, truncation) and nothing["coefficient"] == 0.0
+    # a share of the step goes that share of the way, and undoes that share of the change
+    half, half_step = pulled_weight(weight, truncation, gradient, 0.5)
+    torch.testing.assert_close(half - truncation, 0.5 * change)
+    assert half_step["first_order_change"] == pytest.approx(0.5 * step["first_order_change"])
 
 
 def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
@@ -46,10 +50,11 @@ def run(closed_loop: str, ids: torch.Tensor, **settings):
     return compress(tiny_model(), config, calibration=ids, show_progress=False)
 
 
-def test_one_round_fits_the_weight_pulled_along_the_truncated_model_s_gradient():
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_one_round_fits_the_weight_pulled_along_the_truncated_model_s_gradient(share):
     ids = calibration_ids(12, 32, seed=3)
     open_loop, _ = run("none", ids)
-    corrected, report = run("correct", ids, correction_windows=WINDOWS)
+    corrected, report = run("correct", ids, correction_windows=WINDOWS, correction_step=share)
     dense = tiny_model()
     names = [name for name, rank in report.plan.ranks.items() if rank != "dense"]
     truncations = {name: dense_weight(open_loop.get_submodule(name)) for name in names}
@@ -76,9 +81,9 @@ def test_one_round_fits_the_weight_pulled_along_the_truncated_model_s_gradient()
         gradient = truncated.get_submodule(name).weight.grad.double()
         step = report.diagnostics[name]["correction"]
         assert len(step) == 1
-        assert step[0]["first_order_change"] == pytest.approx(float((gradient * (weight - truncations[name])).sum()),
-                                                              rel=1e-3, abs=1e-9)
-        pulled, _ = pulled_weight(weight, truncations[name], gradient)
+        undone = share * float((gradient * (weight - truncations[name])).sum())
+        assert step[0]["first_order_change"] == pytest.approx(undone, rel=1e-3, abs=1e-9)
+        pulled, _ = pulled_weight(weight, truncations[name], gradient, share)
         gram = grams[name][0] / grams[name][1]
         root = torch.linalg.cholesky(gram)
         # the best rank-k fit of the pulled weight in the Gram's norm, from the truncated SVD of W' S
@@ -111,6 +116,9 @@ def test_rounds_chain_and_keep_the_plan_and_the_parameter_count():
     ({"closed_loop": "correct", "correction_rounds": True}, "correction_rounds must be"),
     ({"closed_loop": "compensate", "correction_rounds": 2}, "need closed_loop 'correct'"),
     ({"correction_windows": 8}, "need closed_loop 'correct'"),
+    ({"closed_loop": "correct", "correction_step": 0.0}, r"correction_step must be in \(0, 1\]"),
+    ({"closed_loop": "correct", "correction_step": 1.5}, "correction_step must be in"),
+    ({"closed_loop": "compensate", "correction_step": 0.5}, "need closed_loop 'correct'"),
     ({"closed_loop": "correct", "whitening": "none"}, "whitening")])
 def test_bad_correction_settings_are_clear_errors(settings, message):
     with pytest.raises(ConfigError, match=message):

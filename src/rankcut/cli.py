@@ -169,6 +169,8 @@ def compress(
              "of the corrected weights")] = 1,
     correction_windows: Annotated[int, typer.Option(
         help="with --closed-loop correct: calibration windows the mean gradient is taken over")] = 32,
+    correction_step: Annotated[float, typer.Option(
+        help="with --closed-loop correct: share of ZS-SVD's step each round takes, in (0, 1]")] = 1.0,
     exclude: Annotated[list[str], typer.Option(help="module name patterns to keep dense, repeatable")] = [],
     data_dir: DataDirOption = None,
     device: str = "auto",
@@ -212,7 +214,8 @@ def compress(
         keep_ratio=keep, allocator=allocator, allocator_options=_parse_options(allocator_option),
         whitening=whitening, whitening_options=_parse_options(whitening_option), factor_format=factor_format,
         closed_loop=closed_loop, compensation=compensation, anchor=anchor, refine_steps=refine_steps, refine_lr=refine_lr,
-        correction_rounds=correction_rounds, correction_windows=correction_windows, exclude=list(exclude),
+        correction_rounds=correction_rounds, correction_windows=correction_windows,
+        correction_step=correction_step, exclude=list(exclude),
         calibration=CalibrationConfig(calib, calib_split, nsamples, seqlen, seed, batch_size,
                                       str(data_dir) if data_dir else None),
     )

@@ -65,8 +65,9 @@ from .whitening import Whitening, create_whitener
 from .workdir import BlockCheckpoints, Resumed, WorkDir, record_differences, run_record
 
 # 2: closed_loop replaces the sequential flag; 3: anchor, 1 by default with compensate (earlier: 0); 4: closed_loop
-# correct, with correction_rounds and correction_windows. Older configs still read, with what they meant.
-CONFIG_VERSION = 4
+# correct, with correction_rounds and correction_windows; 5: correction_step (earlier: the whole step, 1). Older
+# configs still read, with what they meant.
+CONFIG_VERSION = 5
 CLOSED_LOOPS = ("none", "sequential", "compensate", "correct")
 REFITTING = ("sequential", "compensate")  # closed loops that decompose every module again, block by block
 # The allocator with the best quality for its cost in benchmarks/RESULTS.md (SmolLM2, keep 0.8, PivGa, first
@@ -112,6 +113,7 @@ class CompressionConfig:
     refine_lr: float = 1e-4
     correction_rounds: int = 1  # closed_loop "correct": rounds of gradient sweep and decomposition
     correction_windows: int = 32  # closed_loop "correct": calibration windows of the mean gradient (zerosum's 32)
+    correction_step: float = 1.0  # closed_loop "correct": share of ZS-SVD's step each round takes, in (0, 1]
     exclude: list[str] = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     version: int = CONFIG_VERSION
@@ -155,11 +157,14 @@ class CompressionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.correction_step, bool) or not isinstance(self.correction_step, (int, float)) \
+                or not 0.0 < self.correction_step <= 1.0:
+            raise ConfigError(f"correction_step must be in (0, 1], got {self.correction_step!r}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        if self.closed_loop != "correct" and any(getattr(self, name) != defaults[name]
-                                                  for name in ("correction_rounds", "correction_windows")):
-            raise ConfigError("correction_rounds and correction_windows set the weight correction: they need "
-                              "closed_loop 'correct'")
+        if self.closed_loop != "correct" and any(getattr(self, name) != defaults[name] for name in
+                                                  ("correction_rounds", "correction_windows", "correction_step")):
+            raise ConfigError("correction_rounds, correction_windows and correction_step set the weight correction: "
+                              "they need closed_loop 'correct'")
         if self.version > CONFIG_VERSION:
             raise ConfigError(f"config version {self.version} is newer than this rankcut supports ({CONFIG_VERSION})")
         self.calibration.validate()
@@ -961,7 +966,7 @@ def _correction_round(job: _Job, stream: ModelStream, spectra: Mapping[str, Spec
             for name in (n for n in names if n in planned):
                 weight = model.get_submodule(name).weight
                 pulled, steps[name] = pulled_weight(weight.detach().cpu(), spectra[name].truncation(planned[name]),
-                                                    block_gradients[name])
+                                                    block_gradients[name], job.config.correction_step)
                 swapped.append((weight, weight.data))
                 weight.data = pulled.to(dtype=weight.dtype, device=weight.device)
             earlier = {name: decomposer.diagnostics.get(name, {}).get("correction", []) for name in steps}

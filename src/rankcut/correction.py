@@ -30,16 +30,17 @@ from .decomposition import Spectrum
 from .sweep import ActivationStore, ModelStream
 
 
-def pulled_weight(weight: torch.Tensor, truncation: torch.Tensor, gradient: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``W' = T + (<g, W − T> / <g, g>) g`` in float64 (``T`` when ``g`` is zero), and what the step did:
-    its coefficient, the first-order loss change it undoes (``<g, W − T>``) and its size relative to
-    ``‖W − T‖``."""
+def pulled_weight(weight: torch.Tensor, truncation: torch.Tensor, gradient: torch.Tensor,
+                  share: float = 1.0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``W' = T + share · (<g, W − T> / <g, g>) g`` in float64 (``T`` when ``g`` is zero), and what the step
+    did: its coefficient (``share`` included), the first-order loss change it undoes (``share · <g, W − T>``)
+    and its size relative to ``‖W − T‖``."""
     w, t, g = weight.double(), truncation.double(), gradient.double()
     error = w - t
     energy = float(g.square().sum())
     if energy == 0.0:
         return t, {"coefficient": 0.0, "first_order_change": 0.0, "relative_step": 0.0}
-    along = float((g * error).sum())
+    along = share * float((g * error).sum())
     coefficient = along / energy
     error_norm = float(error.norm())
     return t + coefficient * g, {"coefficient": coefficient, "first_order_change": along,
