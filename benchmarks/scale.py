@@ -36,15 +36,19 @@ SHAPES = {
     "width": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                   vocab_size=32000),
 }
-PLANS = {  # suite -> (blocks, allocators, nsamples x seqlen, device, compute dtype)
-    "depth": ([4, 16, 32], ["uniform", "energy", "zerosum", "strs", "ara", "fermigrad", "dobi"], (32, 256), "cpu",
-              "float32"),
+PLANS = {  # suite -> (blocks, allocators (or allocator+closed loop), nsamples x seqlen, device, compute dtype)
+    "depth": ([4, 16, 32], ["uniform", "energy", "zerosum", "strs", "ara", "fermigrad", "dobi", "zerosum+correct",
+                            "uniform+compensate"], (32, 256), "cpu", "float32"),
     "width": ([2, 8], ["uniform", "zerosum"], (32, 512), "cpu", "float32"),
     "gpu": ([2, 4], ["uniform", "zerosum"], (32, 512), "cuda", "bfloat16"),  # benchmarks/gpu_check.sh
-    "tiny": ([2], ["uniform"], (4, 32), "cpu", "float32"),  # the script's own test
+    "tiny": ([2], ["uniform", "uniform+compensate"], (4, 32), "cpu", "float32"),  # the script's own test
 }
 # The training allocators' memory is that of one step: a few steps measure it (not the quality of a plan).
 ALLOCATOR_OPTIONS = {"ara": {"steps": 4}, "fermigrad": {"steps": 4}, "dobi": {"steps": 4}}
+# The closed loops of a cell named allocator+loop (issue 19): the streaming memory bound must hold with them on.
+# Refinement's memory is that of one step too.
+CLOSED_LOOPS = {"": {"closed_loop": "none"}, "correct": {"closed_loop": "correct"},
+                "compensate": {"closed_loop": "compensate", "refine_steps": 4}}
 SHAPES["gpu"] = SHAPES["width"]
 SHAPES["tiny"] = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                       vocab_size=512)
@@ -92,14 +96,25 @@ def write_checkpoint(folder: Path, shape: dict, blocks: int, seed: int = 0) -> N
         shutil.copy(path, folder / path.name)
 
 
-def run_cell(folder: Path, allocator: str, nsamples: int, seqlen: int, out: Path, device: str, dtype: str) -> dict:
+def cell_config(variant: str, nsamples: int, seqlen: int, options: dict | None = None):
+    """The compression a cell runs: ``variant`` is an allocator, or allocator+closed loop (``zerosum+correct``);
+    random calibration ids, keep 0.8, the allocator's options as recorded (by default ALLOCATOR_OPTIONS)."""
+    from rankcut import CalibrationConfig, CompressionConfig
+
+    allocator, _, loop = variant.partition("+")
+    return CompressionConfig(keep_ratio=0.8, allocator=allocator,
+                             allocator_options=ALLOCATOR_OPTIONS.get(allocator, {}) if options is None else options,
+                             calibration=CalibrationConfig("random", "-", nsamples, seqlen, batch_size=8),
+                             **CLOSED_LOOPS[loop])
+
+
+def run_cell(folder: Path, variant: str, nsamples: int, seqlen: int, out: Path, device: str, dtype: str) -> dict:
     """Compress ``folder`` in this (fresh) process, one rank of several under torchrun, and return what
     was measured (the peak is this rank's)."""
     import torch
 
     from rankcut._settings import resolve_dtype
 
-    from rankcut import CalibrationConfig, CompressionConfig
     from rankcut.compress import compress_checkpoint
     from rankcut.distributed import init_from_environment
     from rankcut.estimate import estimate_compression
@@ -107,8 +122,7 @@ def run_cell(folder: Path, allocator: str, nsamples: int, seqlen: int, out: Path
 
     ranks = init_from_environment(torch.device(device))
 
-    config = CompressionConfig(keep_ratio=0.8, allocator=allocator, allocator_options=ALLOCATOR_OPTIONS.get(allocator, {}),
-                               calibration=CalibrationConfig("random", "-", nsamples, seqlen, batch_size=8))
+    config = cell_config(variant, nsamples, seqlen)
     torch_dtype = resolve_dtype(dtype)
     source = CheckpointSource.open(folder)
     estimate = estimate_compression(source.config, config, dtype=torch_dtype, device=device, world_size=ranks.world_size)
@@ -123,6 +137,7 @@ def run_cell(folder: Path, allocator: str, nsamples: int, seqlen: int, out: Path
             "predicted_device_bytes": estimate.device_bytes, "device_peak_bytes": report.memory["cuda_peak_bytes"],
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
             "wall_seconds": wall, "timings": report.timings, "measured": report.measured,
+            "closed_loop": report.config["closed_loop"], "refine_steps": report.config["refine_steps"],
             "rank": ranks.rank, "world_size": ranks.world_size, "plan": report.plan.ranks}
 
 
@@ -148,7 +163,7 @@ def measure(suite: str, threads: int, results: Path = RESULTS, only: list[str] |
                                                            Path(scratch) / f"out-{allocator}", device, dtype, threads, 1,
                                                            cell.name)
                 record = {"suite": suite, "blocks": blocks, "allocator": allocator, "shape": SHAPES[suite],
-                          "allocator_options": ALLOCATOR_OPTIONS.get(allocator, {}),
+                          "allocator_options": ALLOCATOR_OPTIONS.get(allocator.partition("+")[0], {}),
                           "device_kind": device,
                           "nsamples": nsamples, "seqlen": seqlen, "threads": threads,
                           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "cpu": processor_name(),
@@ -304,15 +319,12 @@ def predict(cell: dict) -> tuple[int, int]:
     the measurements with the estimator as it is now)."""
     from transformers import LlamaConfig
 
-    from rankcut import CalibrationConfig, CompressionConfig
     from rankcut._settings import resolve_dtype
     from rankcut.estimate import estimate_compression
 
     config = LlamaConfig(**cell["shape"], num_hidden_layers=cell["blocks"], max_position_embeddings=4096,
                          tie_word_embeddings=False)
-    run = CompressionConfig(keep_ratio=0.8, allocator=cell["allocator"],
-                            allocator_options=cell.get("allocator_options", {}), calibration=CalibrationConfig(
-        "random", "-", cell["nsamples"], cell["seqlen"], batch_size=8))
+    run = cell_config(cell["allocator"], cell["nsamples"], cell["seqlen"], cell.get("allocator_options", {}))
     estimate = estimate_compression(config, run, dtype=resolve_dtype(cell.get("dtype", "float32")),
                                     device=cell.get("device_kind", "cpu"))
     return estimate.host_bytes, estimate.device_bytes

@@ -230,10 +230,14 @@ def test_scale_benchmark_runs_a_tiny_suite_and_renders_it(tmp_path, monkeypatch)
     scale.measure("tiny", threads=1, results=tmp_path / "cells")
     cell = json.loads((tmp_path / "cells" / "tiny-2-uniform.json").read_text())
     assert cell["peak_rss_bytes"] > 0 and cell["predicted_host_bytes"] > 0 and cell["device"] == "cpu"
-    assert cell["measured"]["target_params"] <= cell["measured"]["budget"]
+    assert cell["measured"]["target_params"] <= cell["measured"]["budget"] and cell["closed_loop"] == "none"
+    looped = json.loads((tmp_path / "cells" / "tiny-2-uniform+compensate.json").read_text())
+    assert (looped["closed_loop"], looped["refine_steps"]) == ("compensate", 4)
+    assert looped["measured"]["target_params"] == cell["measured"]["target_params"]  # the same plan's budget
     scale.render(tmp_path / "cells", tmp_path / "page.md")
     rows = table_rows((tmp_path / "page.md").read_text(), "suite")
     assert rows[0]["allocator"] == "uniform" and rows[0]["blocks"] == "2"
+    assert rows[1]["allocator"] == "uniform+compensate"
     assert cell["cpu"] == processor_name() and rows[0]["cpu"] == "A" and f"A: {cell['cpu']}." in (tmp_path / "page.md").read_text()
     assert cell["others_cpu_cores"] >= 0 and rows[0]["others' CPU"] == f"{cell['others_cpu_cores']:.2f}"
     del cell["others_cpu_cores"]  # a cell recorded before it was measured shows the load average it recorded
