@@ -43,6 +43,8 @@ python benchmarks/scale.py --render > /dev/null
 # ZS-SVD's weight correction after zerosum (--closed-loop correct, one round), the best keep-0.8 pipeline on
 # SmolLM2 (issue 19).
 $MATRIX $COMPARE --allocators zerosum --formats pivga --keeps 0.8 --closed-loops correct
+$MATRIX --eval wikitext2:test --calib wikitext2:validation --artifacts $ARTIFACTS --allocators zerosum --formats pivga \
+    --keeps 0.8 --closed-loops correct
 
 python benchmarks/make_results.py --results $R --out benchmarks/RESULTS-gemma3.md --title "Gemma 3 270M" \
     --readme README.md --command "bash benchmarks/gemma3.sh"
