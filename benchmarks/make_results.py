@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rankcut import CompressionConfig
 from rankcut.allocation import create_allocator
 from rankcut.evaluation.speed import SHARED_CPU_CORES
 from rankcut.evaluation.zeroshot import task_average
@@ -211,8 +212,9 @@ def reproduce_command(cell: dict) -> str:
     used = cell["report"]["plan"].get("allocator_config") or config["allocator_options"]
     parts += [f"-a {key}={value if isinstance(value, str) else json.dumps(value)}"
               for key, value in used.items() if key in defaults and defaults[key] != value]
-    if mode != "none":
-        parts.append(f"--closed-loop {config['closed_loop']}")
+    loop = config.get("closed_loop") or "none"
+    if loop != CompressionConfig(whitening=config["whitening"]).closed_loop:  # today's default differs
+        parts.append(f"--closed-loop {loop}")
     if config.get("compensation", 1.0) != 1.0:
         parts.append(f"--compensation {config['compensation']:g}")
     if config.get("closed_loop") == "compensate" and config.get("anchor", 0.0) != 1.0:  # the CLI default there: 1
@@ -221,8 +223,8 @@ def reproduce_command(cell: dict) -> str:
         parts.append(f"--refine-steps {steps} --refine-lr {config['refine_lr']:g}")
     if config.get("correction_rounds", 1) != 1:
         parts.append(f"--correction-rounds {config['correction_rounds']}")
-    if config.get("correction_step", 1.0) != 1.0:
-        parts.append(f"--correction-step {config['correction_step']:g}")
+    if loop == "correct" and config.get("correction_step", 1.0) != CompressionConfig.correction_step:
+        parts.append(f"--correction-step {config.get('correction_step', 1.0):g}")
     return " ".join(parts)
 
 
