@@ -366,8 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         config = rankcut.CompressionConfig(
             keep_ratio=keep, allocator=allocator, allocator_options=allocator_options.get(allocator, {}),
             whitening=whitening, factor_format=factor_format, closed_loop=closed_loop, compensation=compensation,
-            anchor=anchor, refine_steps=refine_steps, refine_lr=args.refine_lr, correction_rounds=rounds,
-            correction_step=step,
+            anchor=anchor, refine_steps=refine_steps, refine_lr=args.refine_lr,
+            **({"correction_rounds": rounds, "correction_step": step} if closed_loop == "correct" else {}),
             calibration=rankcut.CalibrationConfig(dataset=dataset, split=split,
                                                   nsamples=args.nsamples, seqlen=args.seqlen))
         if path.exists():

@@ -153,7 +153,7 @@ def closed_loop(cell: dict) -> tuple[str, int]:
         mode += f" anchor {config['anchor']:g}"
     if config.get("correction_rounds", 1) != 1:
         mode += f" {config['correction_rounds']} rounds"
-    if config.get("correction_step", 1.0) != 1.0:
+    if config.get("closed_loop") == "correct" and config.get("correction_step", 1.0) != 1.0:
         mode += f" step {config['correction_step']:g}"
     return mode, config.get("refine_steps", 0)
 

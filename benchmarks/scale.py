@@ -406,8 +406,7 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
     lines += distributed_table(distributed)
     lines += real_model_table(commands)
     lines += ["", "## Predictions for real models", "",
-              "The estimator's figures (`rankcut compress --dry-run`) at 256 x 512 calibration tokens, keep 0.8, the default "
-              "closed loop (the correction): CPU "
+              "The estimator's figures (`rankcut compress --dry-run`) at 256 x 512 calibration tokens, keep 0.8: CPU "
               "in float32, one GPU in bfloat16 (host / device).", "",
               "| model | allocator | CPU host GiB | GPU host / device GiB | disk GiB |", "|---|---|---|---|---|"]
     for model, config in REAL_MODELS.items():

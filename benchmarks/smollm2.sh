@@ -128,7 +128,7 @@ $MATRIX $LOOP --allocators zerosum --keeps 0.6 --closed-loops correct --correcti
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops correct --correction-steps 0.5
 $MATRIX $LOOP --allocators zerosum --keeps 0.6 --closed-loops correct --correction-rounds 2 --correction-steps 0.5
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops correct --correction-rounds 2
-# The headline's figures for zerosum + correct with half steps, the default pipeline since.
+# The headline's figures for zerosum + correct with half steps (better than whole steps at keep 0.6).
 $MATRIX $HEAD --allocators zerosum --keeps 0.8 --closed-loops correct --correction-steps 0.5
 
 # Closed-loop cells not measured yet (20-80 min each here); resuming the script runs them.

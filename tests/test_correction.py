@@ -136,10 +136,8 @@ def test_the_estimate_counts_the_correction_s_sweep_pass_and_disk():
     assert plain.disk_bytes < one.disk_bytes < two.disk_bytes
 
 
-def test_the_default_closed_loop_is_the_half_step_correction_and_older_configs_keep_their_meaning():
-    config = CompressionConfig()
-    assert (config.closed_loop, config.correction_step) == ("correct", 0.5)
-    assert CompressionConfig(whitening="none").closed_loop == "none"  # nothing to decompose the pull under
+def test_the_correction_takes_half_steps_by_default_and_older_configs_keep_the_whole_step():
+    assert CompressionConfig(closed_loop="correct").correction_step == 0.5
     # a version 4 config with the correction knew only the whole step
     old = CompressionConfig.from_dict({"closed_loop": "correct", "version": 4})
     assert (old.closed_loop, old.correction_step) == ("correct", 1.0)
