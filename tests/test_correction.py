@@ -118,7 +118,7 @@ def test_rounds_chain_and_keep_the_plan_and_the_parameter_count():
     ({"correction_windows": 8}, "need closed_loop 'correct'"),
     ({"closed_loop": "correct", "correction_step": 0.0}, r"correction_step must be in \(0, 1\]"),
     ({"closed_loop": "correct", "correction_step": 1.5}, "correction_step must be in"),
-    ({"closed_loop": "compensate", "correction_step": 0.5}, "need closed_loop 'correct'"),
+    ({"closed_loop": "compensate", "correction_step": 0.25}, "need closed_loop 'correct'"),
     ({"closed_loop": "correct", "whitening": "none"}, "whitening")])
 def test_bad_correction_settings_are_clear_errors(settings, message):
     with pytest.raises(ConfigError, match=message):
