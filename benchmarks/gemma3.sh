@@ -36,7 +36,7 @@ for A in uniform zerosum; do
     S=benchmarks/results/scale/cli-gemma3-270m-$A-pivga-keep0.8.json
     [ -f $S ] || python benchmarks/time_cli.py --out $S --artifact "$ARTIFACTS/cli-$A-pivga-keep0.8" \
         --cell $R/$A-pivga-cholesky-keep0.8-wikitext2.json -- --model gemma3-270m --keep 0.8 --allocator $A \
-        --whitening cholesky --calib wikitext2 --calib-split validation --nsamples 256 --seqlen 512
+        --whitening cholesky --calib wikitext2 --calib-split validation --nsamples 256 --seqlen 512 --closed-loop none
 done
 python benchmarks/scale.py --render > /dev/null
 

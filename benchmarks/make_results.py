@@ -212,8 +212,8 @@ def reproduce_command(cell: dict) -> str:
     used = cell["report"]["plan"].get("allocator_config") or config["allocator_options"]
     parts += [f"-a {key}={value if isinstance(value, str) else json.dumps(value)}"
               for key, value in used.items() if key in defaults and defaults[key] != value]
-    loop = config.get("closed_loop") or "none"
-    if loop != CompressionConfig.closed_loop:  # today's default differs
+    loop = mode.split(" ")[0]
+    if loop != CompressionConfig(whitening=config["whitening"]).closed_loop:  # today's default differs
         parts.append(f"--closed-loop {loop}")
     if config.get("compensation", 1.0) != 1.0:
         parts.append(f"--compensation {config['compensation']:g}")

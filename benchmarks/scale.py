@@ -242,7 +242,8 @@ def real_model_table(records: list[dict]) -> list[str]:
              "split. `peak`: the command's whole process (model load and save included); the cell's is its "
              "`compress` call with the model already loaded. `wall s`: the command, load to save; the cell's "
              "compress seconds, of which calibration (near 0 where it read cached spectra). `others' CPU`: the cores "
-             "other processes used meanwhile (— where not measured).", "",
+             "other processes used meanwhile (— where not measured). A command without `--closed-loop` was recorded "
+             "when the open loop was the default: it ran open loop, as its cell did.", "",
              "| command | same plan as the cell | perplexity | ppl (cell) | peak GiB (cell) | wall s (cell: compress / calibration s) | others' CPU | cpu |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: r["command"]):
@@ -406,7 +407,8 @@ def render(results: Path = RESULTS, page: Path = PAGE) -> None:
     lines += distributed_table(distributed)
     lines += real_model_table(commands)
     lines += ["", "## Predictions for real models", "",
-              "The estimator's figures (`rankcut compress --dry-run`) at 256 x 512 calibration tokens, keep 0.8: CPU "
+              "The estimator's figures (`rankcut compress --dry-run`) at 256 x 512 calibration tokens, keep 0.8, the default "
+              "closed loop (the correction): CPU "
               "in float32, one GPU in bfloat16 (host / device).", "",
               "| model | allocator | CPU host GiB | GPU host / device GiB | disk GiB |", "|---|---|---|---|---|"]
     for model, config in REAL_MODELS.items():

@@ -99,14 +99,14 @@ $MATRIX $HEAD --allocators ara --keeps 0.6 0.8 --tag=-epoch1-lr0.15 --allocator-
 # calibration, decomposition, save), then the artifact's perplexity on the first 100 test windows.
 [ -f $R/cli-uniform-pivga-keep0.8.json ] || python benchmarks/time_cli.py --out $R/cli-uniform-pivga-keep0.8.json \
     --artifact "$ARTIFACTS/cli-uniform-pivga-keep0.8" -- --model smollm2-135m --keep 0.8 --allocator uniform \
-    --whitening cholesky --calib wikitext2 --calib-split validation --nsamples 256 --seqlen 512
+    --whitening cholesky --calib wikitext2 --calib-split validation --nsamples 256 --seqlen 512 --closed-loop none
 # The same command streamed from the checkpoint folder (issue 17; the cells were compressed with the whole model
 # loaded, most before streaming): same plan and perplexity as the cell, and the peak beside it (RESULTS-scale.md).
 for A in uniform zerosum; do
     S=benchmarks/results/scale/cli-smollm2-135m-$A-pivga-keep0.8.json
     [ -f $S ] || python benchmarks/time_cli.py --out $S --artifact "$ARTIFACTS/cli-$A-pivga-keep0.8" \
         --cell $R/$A-pivga-cholesky-keep0.8-wikitext2.json -- --model smollm2-135m --keep 0.8 --allocator $A \
-        --whitening cholesky --calib wikitext2 --calib-split validation --nsamples 256 --seqlen 512
+        --whitening cholesky --calib wikitext2 --calib-split validation --nsamples 256 --seqlen 512 --closed-loop none
 done
 python benchmarks/scale.py --render > /dev/null
 

@@ -276,15 +276,15 @@ def test_closed_loop_cells_get_their_own_table(tiny_folder, tmp_path):
     assert results_script.reproduce_command(cell).endswith("--closed-loop compensate --compensation 0.5 --anchor 0 "
                                                            "--refine-steps 2 --refine-lr 0.0001")
     # the weight correction's share of a step names its cell, its row and its command
-    # (a command names only what differs from today's defaults)
+    # (the correction is today's default closed loop: its command names only what differs from the defaults,
+    # and an open-loop cell's says so)
     matrix.main(setting + ["--closed-loops", "correct", "--correction-rounds", "2", "--correction-steps", "0.25"])
     results_script.main(["--results", str(results), "--out", str(out)])
     assert "correct 2 rounds step 0.25" in [row["closed loop"] for row in table_rows(out.read_text(), "closed loop")]
     cell = json.loads((results / f"{stem}-correct2-step0.25.json").read_text())
-    assert results_script.reproduce_command(cell).endswith("--seqlen 32 --closed-loop correct --correction-rounds 2 "
-                                                           "--correction-step 0.25")
+    assert results_script.reproduce_command(cell).endswith("--seqlen 32 --correction-rounds 2 --correction-step 0.25")
     open_loop = json.loads((results / f"{stem}.json").read_text())
-    assert results_script.reproduce_command(open_loop).endswith("--seqlen 32")
+    assert results_script.reproduce_command(open_loop).endswith("--seqlen 32 --closed-loop none")
 
     # A tagged allocator's closed-loop cell is compared with the open-loop cell of the same tag, not the default.
     matrix.main(setting + ["--tag=-v2", "--allocator-options", '{"uniform": {}}'])

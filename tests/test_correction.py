@@ -115,7 +115,7 @@ def test_rounds_chain_and_keep_the_plan_and_the_parameter_count():
     ({"closed_loop": "correct", "correction_windows": 2.5}, "correction_windows must be an integer >= 1"),
     ({"closed_loop": "correct", "correction_rounds": True}, "correction_rounds must be"),
     ({"closed_loop": "compensate", "correction_rounds": 2}, "need closed_loop 'correct'"),
-    ({"correction_windows": 8}, "need closed_loop 'correct'"),
+    ({"closed_loop": "none", "correction_windows": 8}, "need closed_loop 'correct'"),
     ({"closed_loop": "correct", "correction_step": 0.0}, r"correction_step must be in \(0, 1\]"),
     ({"closed_loop": "correct", "correction_step": 1.5}, "correction_step must be in"),
     ({"closed_loop": "compensate", "correction_step": 0.25}, "need closed_loop 'correct'"),
@@ -128,17 +128,22 @@ def test_bad_correction_settings_are_clear_errors(settings, message):
 def test_the_estimate_counts_the_correction_s_sweep_pass_and_disk():
     from rankcut.estimate import estimate_compression
 
-    plain = estimate_compression(tiny_config("llama"), CompressionConfig())
-    one = estimate_compression(tiny_config("llama"), CompressionConfig(closed_loop="correct"))
+    plain = estimate_compression(tiny_config("llama"), CompressionConfig(closed_loop="none"))
+    one = estimate_compression(tiny_config("llama"), CompressionConfig())  # the default: one round
     two = estimate_compression(tiny_config("llama"), CompressionConfig(closed_loop="correct", correction_rounds=2))
     assert {"correct: gradients", "correct: decompose"} <= set(one.stages) and "correct: gradients" not in plain.stages
     assert one.stages["correct: decompose"] >= one.stages["calibrate"]
     assert plain.disk_bytes < one.disk_bytes < two.disk_bytes
 
 
-def test_the_correction_takes_half_steps_by_default_and_older_configs_keep_the_whole_step():
-    assert CompressionConfig(closed_loop="correct").correction_step == 0.5
+def test_the_default_closed_loop_is_the_half_step_correction_and_older_configs_keep_their_meaning():
+    config = CompressionConfig()
+    assert (config.closed_loop, config.correction_step) == ("correct", 0.5)
+    assert CompressionConfig(whitening="none").closed_loop == "none"  # nothing to decompose the pull under
     # a version 4 config with the correction knew only the whole step
     old = CompressionConfig.from_dict({"closed_loop": "correct", "version": 4})
     assert (old.closed_loop, old.correction_step) == ("correct", 1.0)
     assert CompressionConfig.from_dict({"closed_loop": "none", "version": 4}).correction_step == 0.5
+    # a version 5 config without a closed loop was made open loop, the default then
+    assert CompressionConfig.from_dict({"keep_ratio": 0.6, "version": 5}).closed_loop == "none"
+    assert CompressionConfig.from_dict({"keep_ratio": 0.6}).closed_loop == "correct"

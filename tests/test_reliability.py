@@ -111,7 +111,7 @@ def decompositions(monkeypatch):
 
 def run_compress(work=None, model=None, config=None, ids=None):
     return compress(tiny_model() if model is None else model,
-                    config or CompressionConfig(keep_ratio=0.6, allocator="energy"),
+                    config or CompressionConfig(keep_ratio=0.6, allocator="energy", closed_loop="none"),
                     calibration=calibration_ids() if ids is None else ids, show_progress=False, work_dir=work)
 
 
@@ -184,7 +184,7 @@ def test_resume_after_allocation_skips_calibration_and_allocation(tmp_path, deco
 ])
 def test_work_folder_of_a_different_run_is_refused(tmp_path, change, field):
     run_compress(tmp_path / "work")
-    changed = {"settings": dict(config=CompressionConfig(keep_ratio=0.5, allocator="energy")),
+    changed = {"settings": dict(config=CompressionConfig(keep_ratio=0.5, allocator="energy", closed_loop="none")),
                "model": dict(model=tiny_model(seed=1)),
                "calibration": dict(ids=calibration_ids(seed=1))}[change]
     with pytest.raises(ConfigError, match=rf"made by a different run \(it differs in {field}\); delete it or pass "

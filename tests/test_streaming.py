@@ -233,7 +233,7 @@ def test_the_estimate_grows_with_what_the_run_holds():
     config = tiny_config("llama")
 
     def host(allocator="uniform", nsamples=64, **options):
-        run = CompressionConfig(keep_ratio=0.6, allocator=allocator, allocator_options=options,
+        run = CompressionConfig(keep_ratio=0.6, allocator=allocator, allocator_options=options, closed_loop="none",
                                 calibration=CalibrationConfig("wikitext2", "validation", nsamples, 128))
         return estimate_compression(config, run)
 

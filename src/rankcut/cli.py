@@ -149,10 +149,11 @@ def compress(
     seqlen: int = 512,
     batch_size: int = 8,
     seed: int = 0,
-    closed_loop: Annotated[str, typer.Option(
+    closed_loop: Annotated[Optional[str], typer.Option(
         help="none | sequential (refit each block to the compressed upstream's inputs) | compensate (fit each "
              "module's compressed-path output to the dense model's) | correct (ZS-SVD's correction: pull each "
-             "truncated weight back towards the dense one along the loss gradient, decompose it again)")] = "none",
+             "truncated weight back towards the dense one along the loss gradient, decompose it again) "
+             "[default: correct; none with --whitening none]")] = None,
     compensation: Annotated[float, typer.Option(
         help="with --closed-loop compensate: the share of the upstream error each module compensates, in [0, 1] "
              "(1: fit the dense outputs; 0: the module's own weight on the compressed inputs)")] = 1.0,

@@ -65,9 +65,9 @@ from .whitening import Whitening, create_whitener
 from .workdir import BlockCheckpoints, Resumed, WorkDir, record_differences, run_record
 
 # 2: closed_loop replaces the sequential flag; 3: anchor, 1 by default with compensate (earlier: 0); 4: closed_loop
-# correct, with correction_rounds and correction_windows; 5: correction_step (earlier: the whole step, 1). Older
-# configs still read, with what they meant.
-CONFIG_VERSION = 5
+# correct, with correction_rounds and correction_windows; 5: correction_step (earlier: the whole step, 1); 6: closed_loop
+# correct by default with a whitening (earlier: none). Older configs still read, with what they meant.
+CONFIG_VERSION = 6
 CLOSED_LOOPS = ("none", "sequential", "compensate", "correct")
 REFITTING = ("sequential", "compensate")  # closed loops that decompose every module again, block by block
 # The allocator with the best quality for its cost in benchmarks/RESULTS.md (SmolLM2, keep 0.8, PivGa, first
@@ -104,10 +104,11 @@ class CompressionConfig:
     whitening_options: dict[str, Any] = field(default_factory=dict)
     # PivGa by default: the same budget buys more rank (SmolLM2 keep 0.8: perplexity 92.9 -> 53.9, benchmarks/)
     factor_format: Literal["plain", "pivga"] = "pivga"
-    # "correct" with half steps wins at both keeps measured (SmolLM2, zerosum, PivGa: WikiText-2 / C4 32.80 / 41.39
-    # against 36.88 / 44.18 open loop at keep 0.8, 65.41 / 141.24 against 78.85 / 172.60 at 0.6; +7 min of a 10-min
-    # calibration and 2.5-min allocation); it is not the default yet (README, Command line)
-    closed_loop: Literal["none", "sequential", "compensate", "correct"] = "none"
+    # None: "correct" with a whitening, else "none". The half-step correction wins at both keeps measured (SmolLM2,
+    # zerosum, PivGa: WikiText-2 / C4 32.80 / 41.39 against 36.88 / 44.18 open loop at keep 0.8, 65.41 / 141.24
+    # against 78.85 / 172.60 at 0.6) for one gradient sweep and calibration pass more (+7 min of a 10-min
+    # calibration and 2.5-min allocation)
+    closed_loop: Literal["none", "sequential", "compensate", "correct"] | None = None
     compensation: float = 1.0  # closed_loop "compensate": share of the upstream error each module compensates
     # closed_loop "compensate": weight of the dense fit ‖(W − W_k) X‖² beside the compensating one. None: 1 with
     # compensate (SmolLM2 uniform keep 0.8: WikiText-2 42.54, C4 68.88 against 54.11 / 104.10 unanchored), else 0
@@ -126,6 +127,8 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         if isinstance(self.calibration, Mapping):
             self.calibration = CalibrationConfig.from_dict(self.calibration)
+        if self.closed_loop is None:
+            self.closed_loop = "none" if self.whitening == "none" else "correct"
         if self.anchor is None:
             self.anchor = 1.0 if self.closed_loop == "compensate" else 0.0
         self.validate()
@@ -186,6 +189,8 @@ class CompressionConfig:
         if "sequential" in data and "closed_loop" not in data:  # a version 1 config
             data = {**data, "closed_loop": "sequential" if data["sequential"] else "none"}
             data.pop("sequential")
+        if data.get("version", CONFIG_VERSION) < 6 and "closed_loop" not in data:  # the open loop was the default
+            data = {**data, "closed_loop": "none"}
         if data.get("version", CONFIG_VERSION) < 3 and "anchor" not in data:  # before anchors: none
             data = {**data, "anchor": 0.0}
         if data.get("version", CONFIG_VERSION) < 5 and data.get("closed_loop") == "correct" \
