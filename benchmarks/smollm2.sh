@@ -128,7 +128,12 @@ $MATRIX $LOOP --allocators zerosum --keeps 0.6 --closed-loops correct --correcti
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops correct --correction-steps 0.5
 $MATRIX $LOOP --allocators zerosum --keeps 0.6 --closed-loops correct --correction-rounds 2 --correction-steps 0.5
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops correct --correction-rounds 2
-# The headline's figures for zerosum + correct with half steps (better than whole steps at keep 0.6).
+# The full test split of the half-step correction at keep 0.6 (zerosum's best row there), then ARA's plan (the
+# best open-loop plan at 0.6) followed by it.
+$MATRIX ${LOOP/--eval/--eval wikitext2:test} --allocators zerosum --keeps 0.6 --closed-loops correct --correction-steps 0.5
+$MATRIX $LOOP --allocators ara --keeps 0.6 --closed-loops correct --correction-steps 0.5 --tag=-epoch1-lr0.15 \
+    --allocator-options '{"ara": {"epochs": 1, "lr": 0.15}}'
+# The headline's figures for zerosum + correct with half steps, the default pipeline since.
 $MATRIX $HEAD --allocators zerosum --keeps 0.8 --closed-loops correct --correction-steps 0.5
 
 # Closed-loop cells not measured yet (20-80 min each here); resuming the script runs them.
