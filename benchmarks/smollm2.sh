@@ -133,6 +133,11 @@ $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops correct --correcti
 $MATRIX ${LOOP/--eval/--eval wikitext2:test} --allocators zerosum --keeps 0.6 --closed-loops correct --correction-steps 0.5
 $MATRIX $LOOP --allocators ara --keeps 0.6 --closed-loops correct --correction-steps 0.5 --tag=-epoch1-lr0.15 \
     --allocator-options '{"ara": {"epochs": 1, "lr": 0.15}}'
+# That plan differs from the -epoch1-lr0.15 cell's (152 of 210 ranks; ARA's training on another host and code):
+# the same settings open loop again, for the correction's own gain; then the corrected cell's full split.
+$MATRIX $LOOP --allocators ara --keeps 0.6 --tag=-epoch1-lr0.15-again --allocator-options '{"ara": {"epochs": 1, "lr": 0.15}}'
+$MATRIX ${LOOP/--eval/--eval wikitext2:test} --allocators ara --keeps 0.6 --closed-loops correct --correction-steps 0.5 \
+    --tag=-epoch1-lr0.15 --allocator-options '{"ara": {"epochs": 1, "lr": 0.15}}'
 # The headline's figures for zerosum + correct with half steps, the default pipeline since.
 $MATRIX $HEAD --allocators zerosum --keeps 0.8 --closed-loops correct --correction-steps 0.5
 
