@@ -430,12 +430,15 @@ def closed_loop_tables(cells: list[dict]) -> list[str]:
                          key=lambda c: (order[closed_loop(c)[0].split()[0]], closed_loop(c)))
         group = ([open_loop] if open_loop else []) + members
         windows = {p: set.intersection(*(set(perplexities(c, *p)) for c in group)) for p in PPL_COLUMNS}
+        wikitext = ("wikitext2", "test")
         body = []
         for cell in group:
             mode, steps = closed_loop(cell)
             figures = {p: perplexities(cell, *p) for p in PPL_COLUMNS}
             shown = [fmt(figures[p][max(windows[p])] if windows[p] else None, ".2f") for p in PPL_COLUMNS]
-            shared = shared_wikitext_perplexities([cell, open_loop]) if open_loop and cell is not open_loop else None
+            # the change over the column's windows, those every row of the table shares
+            shared = ([perplexities(c, *wikitext)[max(windows[wikitext])] for c in (cell, open_loop)]
+                      if open_loop and cell is not open_loop and windows[wikitext] else None)
             refined = [d["refinement"] for d in cell["report"]["diagnostics"].values() if "refinement" in d]
             blocks = {(r["error_before"], r["error_after"], r["kept"]) for r in refined}  # one report per block
             kept = f"{sum(k for _, _, k in blocks)} / {len(blocks)}" if blocks else MISSING
