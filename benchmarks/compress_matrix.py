@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="weights of the dense fit within the compensating one, for --closed-loops compensate "
                              "(default 0, the unanchored fit, whose cells have no suffix; others named -anchorB)")
     parser.add_argument("--refine-steps", nargs="+", type=int, default=[0],
-                        help="block refinement steps, for --closed-loops compensate (cells named -refineN)")
+                        help="block refinement steps, for --closed-loops none, correct and compensate (cells named "
+                             "-refineN)")
     parser.add_argument("--refine-lr", type=float, default=rankcut.CompressionConfig.refine_lr)
     parser.add_argument("--correction-rounds", nargs="+", type=int, default=[1],
                         help="weight-correction rounds, for --closed-loops correct (cells other than 1 named -correctN)")
@@ -351,8 +352,10 @@ def main(argv: list[str] | None = None) -> None:
                               args.correction_rounds, args.correction_steps)
     for (calib, whitening, allocator, factor_format, keep, closed_loop, compensation, anchor, refine_steps,
          rounds, step) in cells:
-        if (refine_steps or compensation != 1.0 or anchor) and closed_loop != "compensate":
-            continue  # refinement, the blend and the anchor apply to the compensating fit only
+        if (compensation != 1.0 or anchor) and closed_loop != "compensate":
+            continue  # the blend and the anchor apply to the compensating fit only
+        if refine_steps and closed_loop == "sequential":
+            continue  # refinement follows the open-loop, the corrected or the compensating fit
         if (rounds != 1 or step != 1.0) and closed_loop != "correct":
             continue
         dataset, split = calib.split(":")

@@ -26,8 +26,9 @@ from rankcut.plan import RankPlan
 from rankcut.plots import plot_pareto, plot_ranks
 
 # The closed-loop part of a cell's name, as compress_matrix.py writes it (-compensate0.5-anchor1-refine32,
-# -correct2-step0.5).
-CLOSED_LOOP_SUFFIX = re.compile(r"^-(?:sequential|correct\d*(?:-step[\d.]+)?|compensate[\d.]*(?:-anchor[\d.]+)?(?:-refine\d+)?)")
+# -correct2-step0.5-refine32, -refine32 after the open loop).
+CLOSED_LOOP_SUFFIX = re.compile(r"^-(?:sequential|correct\d*(?:-step[\d.]+)?(?:-refine\d+)?"
+                                r"|compensate[\d.]*(?:-anchor[\d.]+)?(?:-refine\d+)?|refine\d+)")
 MISSING = "—"
 # Zero-shot figures over fewer items per task than this are not shown: at 25 items a task's accuracy
 # swings by ±0.1 and the dense model averaged below compressed ones (issue 21). `main` sets the figure in

@@ -285,6 +285,18 @@ def test_closed_loop_cells_get_their_own_table(tiny_folder, tmp_path):
     assert results_script.reproduce_command(cell).endswith("--seqlen 32 --correction-rounds 2 --correction-step 0.25")
     open_loop = json.loads((results / f"{stem}.json").read_text())
     assert results_script.reproduce_command(open_loop).endswith("--seqlen 32 --closed-loop none")
+    # refinement after the open loop and after the correction: rows of the same table, named after their fit
+    matrix.main(setting + ["--closed-loops", "none", "sequential", "--refine-steps", "2"])
+    matrix.main(setting + ["--closed-loops", "correct", "--correction-steps", "0.5", "--refine-steps", "2"])
+    assert not (results / f"{stem}-sequential-refine2.json").exists()  # the sequential pass carries no dense outputs
+    results_script.main(["--results", str(results), "--out", str(out)])
+    modes = [row["closed loop"] for row in table_rows(out.read_text(), "closed loop")]
+    assert "none + refine 2" in modes and "correct step 0.5 + refine 2" in modes
+    refined = json.loads((results / f"{stem}-refine2.json").read_text())
+    assert results_script.allocator_tag(refined) == ""
+    assert results_script.reproduce_command(refined).endswith("--closed-loop none --refine-steps 2 --refine-lr 0.0001")
+    corrected = json.loads((results / f"{stem}-correct-step0.5-refine2.json").read_text())
+    assert results_script.reproduce_command(corrected).endswith("--seqlen 32 --refine-steps 2 --refine-lr 0.0001")
 
     # A tagged allocator's closed-loop cell is compared with the open-loop cell of the same tag, not the default.
     matrix.main(setting + ["--tag=-v2", "--allocator-options", '{"uniform": {}}'])

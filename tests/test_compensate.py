@@ -189,25 +189,49 @@ def test_the_estimate_counts_the_closed_loops_streams():
     assert factorize["none"] < factorize["sequential"] < factorize["compensate"]
     refined = estimate_compression(tiny_config("llama"), CompressionConfig(closed_loop="compensate", refine_steps=10))
     assert refined.stages["factorize"] > factorize["compensate"]
+    open_refined = estimate_compression(tiny_config("llama"), CompressionConfig(closed_loop="none", refine_steps=10))
+    assert open_refined.stages["factorize"] > factorize["compensate"]  # both streams, and the refinement's terms
 
 
-def refined_run(steps, lr=1e-3, work=None, ids=None):
-    config = CompressionConfig(keep_ratio=0.5, allocator="uniform", closed_loop="compensate", refine_steps=steps,
+REFINED_AFTER = ["compensate", "none", "correct"]  # the fits refinement follows
+
+
+def refined_run(steps, lr=1e-3, work=None, ids=None, closed_loop="compensate"):
+    config = CompressionConfig(keep_ratio=0.5, allocator="uniform", closed_loop=closed_loop, refine_steps=steps,
                                refine_lr=lr)
     return compress(tiny_model(), config, calibration=calibration_ids(16, 24, seed=7) if ids is None else ids,
                     show_progress=False, work_dir=work)
 
 
-def test_refinement_lowers_the_block_errors_and_keeps_the_parameter_count():
+@pytest.mark.parametrize("closed_loop", REFINED_AFTER)
+def test_refinement_lowers_the_block_errors_and_keeps_the_parameter_count(closed_loop):
     ids = calibration_ids(16, 24, seed=7)
     dense = final_hidden(tiny_model(), ids)
-    plain, plain_report = refined_run(0)
-    model, report = refined_run(30)
+    plain, plain_report = refined_run(0, closed_loop=closed_loop)
+    model, report = refined_run(30, closed_loop=closed_loop)
     assert report.measured["target_params"] == plain_report.measured["target_params"] == report.plan.total_cost
     refinements = [d["refinement"] for d in report.diagnostics.values()]
+    assert len(refinements) == len(report.plan.ranks)  # every module was refined, with its block
     assert all(r["error_after"] <= r["error_before"] for r in refinements)
     assert any(r["kept"] and r["error_after"] < 0.9 * r["error_before"] for r in refinements)
     assert (final_hidden(model, ids) - dense).square().mean() < (final_hidden(plain, ids) - dense).square().mean()
+
+
+def test_refinement_starts_from_the_fit_it_follows():
+    """Refinement after the open loop starts from the open-loop factors: the first block's error before
+    refinement is that of the unrefined run's first block on the dense outputs."""
+    ids = calibration_ids(16, 24, seed=7)
+    plain, _ = refined_run(0, closed_loop="none")
+    _, report = refined_run(30, closed_loop="none")
+    from rankcut.calibration import BlockStream
+    from rankcut.refine import block_error
+
+    stream = BlockStream(tiny_model(), [], ids, 8)
+    hidden, kwargs = stream.capture()
+    dense_outputs = stream.forward_block(tiny_model().model.layers[0], hidden, kwargs[0])
+    first = report.diagnostics["model.layers.0.self_attn.q_proj"]["refinement"]
+    assert first["error_before"] == pytest.approx(block_error(plain.model.layers[0], hidden, dense_outputs, kwargs[0]),
+                                                  rel=1e-9)
 
 
 def test_refinement_that_would_raise_the_error_is_undone():
@@ -228,12 +252,13 @@ def test_refinement_that_would_raise_the_error_is_undone():
     assert block_error(block, hidden, targets, kwargs[0]) == report["error_before"]
 
 
-def test_a_run_killed_mid_refinement_resumes_to_identical_logits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("closed_loop", REFINED_AFTER)
+def test_a_run_killed_mid_refinement_resumes_to_identical_logits(tmp_path, monkeypatch, closed_loop):
     import importlib
 
     compress_module = importlib.import_module("rankcut.compress")
     ids = calibration_ids(16, 24, seed=7)
-    reference, expected = refined_run(10)
+    reference, expected = refined_run(10, closed_loop=closed_loop)
     calls = []
     original = compress_module.refine_block
 
@@ -245,9 +270,9 @@ def test_a_run_killed_mid_refinement_resumes_to_identical_logits(tmp_path, monke
 
     monkeypatch.setattr(compress_module, "refine_block", crash_in_block_1)
     with pytest.raises(KeyboardInterrupt):
-        refined_run(10, work=tmp_path / "work")
+        refined_run(10, work=tmp_path / "work", closed_loop=closed_loop)
     monkeypatch.setattr(compress_module, "refine_block", original)
-    model, report = refined_run(10, work=tmp_path / "work")
+    model, report = refined_run(10, work=tmp_path / "work", closed_loop=closed_loop)
     assert report.plan.ranks == expected.plan.ranks
     assert torch.equal(final_hidden(model, ids), final_hidden(reference, ids))
 
@@ -255,7 +280,8 @@ def test_a_run_killed_mid_refinement_resumes_to_identical_logits(tmp_path, monke
 @pytest.mark.parametrize("settings, message", [
     ({"closed_loop": "compensate", "refine_steps": -1}, "refine_steps must be"),
     ({"closed_loop": "compensate", "refine_steps": 5, "refine_lr": 0}, "refine_lr must be"),
-    ({"closed_loop": "sequential", "refine_steps": 5}, "needs closed_loop 'compensate'")])
+    ({"closed_loop": "sequential", "refine_steps": 5}, "use closed_loop 'none', 'correct' or 'compensate'"),
+    ({"closed_loop": "none", "whitening": "none", "refine_steps": 5}, "needs a whitening")])
 def test_bad_refinement_settings_are_clear_errors(settings, message):
     with pytest.raises(ConfigError, match=message):
         CompressionConfig(**settings)

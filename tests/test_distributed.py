@@ -93,8 +93,8 @@ def spectra_files(work: Path) -> dict[str, torch.Tensor]:
     {"allocator": "uniform", "keep_ratio": 0.6, "closed_loop": "none"},
     {"allocator": "zerosum", "keep_ratio": 0.6, "closed_loop": "sequential", "allocator_options": {"windows": 4}},
     {"allocator": "uniform", "keep_ratio": 0.6, "closed_loop": "compensate", "anchor": 0.5, "refine_steps": 3},
-    {"allocator": "uniform", "keep_ratio": 0.6, "closed_loop": "correct", "correction_windows": 4},
-], ids=["uniform-open-loop", "zerosum-sequential", "uniform-compensate-anchored-refined", "uniform-correct"])
+    {"allocator": "uniform", "keep_ratio": 0.6, "closed_loop": "correct", "correction_windows": 4, "refine_steps": 2},
+], ids=["uniform-open-loop", "zerosum-sequential", "uniform-compensate-anchored-refined", "uniform-correct-refined"])
 def test_two_ranks_give_one_rank_s_artifact_bit_for_bit(tmp_path, checkpoint, config):
     alone = compress_args(tmp_path, "alone", checkpoint, config)
     shared = compress_args(tmp_path, "shared", checkpoint, config)

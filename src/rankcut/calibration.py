@@ -8,9 +8,10 @@ activations and statistics are resident at a time.
 Memory: the stored activations take ``nsamples x seqlen x hidden x 4`` bytes (float32; 256 x 512 x 576
 x 4 = 302 MB for SmolLM2, 2 GiB for a 4096-wide model), twice during a block (inputs and outputs),
 plus the Grams of one block: ``8 x sum of distinct input widths²`` bytes (float64), plus the model.
-The compensating pass (:meth:`BlockStream.run_compensating`) carries two streams, the dense model's
-and the compressed model's, and one input group's cross-Gram (``8 x width²``) beside its Gram (with
-an anchor, the dense inputs' Gram too: another ``8 x width²``).
+The paired pass (:meth:`BlockStream.run_paired`: the compensating fit, block refinement) carries two
+streams, the dense model's and the compressed model's; the compensating fit adds one input group's
+cross-Gram (``8 x width²``) beside its Gram (with an anchor, the dense inputs' Gram too: another
+``8 x width²``).
 """
 
 from __future__ import annotations
@@ -199,23 +200,18 @@ class BlockStream:
             if progress is not None:
                 progress(1)
 
-    def run_compensating(self, on_group: Callable[[int, tuple[str, ...], int, PairedStatistics | None], None],
-                         on_block: Callable[[int], None], *,
-                         refine: Callable[[int, nn.Module, list, list, list], None] | None = None,
-                         progress: Callable[..., None] | None = None, start_block: int = 0,
-                         hidden: list[torch.Tensor] | None = None,
-                         on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None,
-                         dense_gram: bool = False) -> None:
-        """The dense model and the compressed one side by side, block by block, and within a block
-        input group by input group in the order the data flows (q/k/v, then o; gate/up, then down: the
-        order the modules are called in, not their names). For each group, ``on_group(block, modules,
-        owner, stats)`` gets the compressed path's inputs ``X̃`` (after the groups before it were
-        replaced) with their cross-Gram against the dense inputs ``X`` (and, with ``dense_gram``, the Gram
-        of ``X``), and replaces the group's modules; with several processes the statistics are summed at
-        the group's ``owner`` rank as in :meth:`run` (bit for bit those of one process) and the others get
-        None. After the block's last group, ``refine(block_index, block, compressed_inputs,
-        dense_outputs, kwargs)`` may train the block's factors, then ``on_block(block_index)`` follows.
-        Both paths then move on: the dense block's outputs and the compressed block's.
+    def run_paired(self, fit_block: Callable[[int, nn.Module, Mapping[str, nn.Module], list, list, list], None],
+                   on_block: Callable[[int], None], *,
+                   refine: Callable[[int, nn.Module, list, list, list], None] | None = None,
+                   progress: Callable[..., None] | None = None, start_block: int = 0,
+                   hidden: list[torch.Tensor] | None = None,
+                   on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None) -> None:
+        """The dense model and the compressed one side by side, block by block. For each block,
+        ``fit_block(index, block, dense_modules, dense_inputs, compressed_inputs, kwargs)`` replaces its
+        targets (``dense_modules``: the dense ones, by name); then ``refine(index, block,
+        compressed_inputs, dense_outputs, kwargs)`` may train the block's factors towards the dense
+        block's outputs, and ``on_block(index)`` follows. Both paths then move on: the dense block's
+        outputs and the compressed block's.
 
         Resume as :meth:`run`, with ``hidden`` the dense inputs of ``start_block`` followed by the
         compressed ones, as ``on_outputs`` receives them.
@@ -227,23 +223,15 @@ class BlockStream:
                 raise ValueError("resuming at a later block needs the hidden states entering it")
             dense, compressed = captured, captured
         elif len(hidden) != 2 * count:
-            raise RankcutError(f"resumed activations hold {len(hidden)} batches, the compensating pass {2 * count}")
+            raise RankcutError(f"resumed activations hold {len(hidden)} batches, the paired pass {2 * count}")
         else:
             dense, compressed = hidden[:count], hidden[count:]
         del captured
         for index in range(start_block, len(self.blocks)):
             block, kwargs = self.blocks[index], block_kwargs[index]
             self.weights.onload([self.block_name(index)])
-            names = [t.name for t in self.targets if t.block == index]
-            originals = {name: self.model.get_submodule(name) for name in names}  # the dense modules
-            groups = self._groups_in_flow_order(block, dense[0], kwargs[0], names)
-            owners = self.ranks.assign(groups, {t.name: t.shape for t in self.targets if t.block == index})
-            for group in groups:
-                owner = owners[group[0]]
-                statistics = self._paired_statistics(block, group, originals, dense, compressed, kwargs,
-                                                     dense_gram, owner, f"summing the compensating statistics "
-                                                     f"of block {index}")
-                on_group(index, group, owner, statistics)
+            originals = {t.name: self.model.get_submodule(t.name) for t in self.targets if t.block == index}
+            fit_block(index, block, originals, dense, compressed, kwargs)
             with self._swapped(originals):
                 dense_outputs = self.forward_block(block, dense, kwargs)
             if refine is not None:
@@ -255,6 +243,30 @@ class BlockStream:
                 on_outputs(index + 1, dense + compressed)
             if progress is not None:
                 progress(1)
+
+    def fit_compensating(self, on_group: Callable[[int, tuple[str, ...], int, PairedStatistics | None], None], *,
+                         dense_gram: bool = False) -> Callable[[int, nn.Module, Mapping[str, nn.Module], list, list,
+                                                                list], None]:
+        """A ``fit_block`` for :meth:`run_paired` that goes input group by input group, in the order the
+        data flows (q/k/v, then o; gate/up, then down: the order the modules are called in, not their
+        names). For each group, ``on_group(block, modules, owner, stats)`` gets the compressed path's
+        inputs ``X̃`` (after the groups before it were replaced) with their cross-Gram against the dense
+        inputs ``X`` (and, with ``dense_gram``, the Gram of ``X``), and replaces the group's modules; with
+        several processes the statistics are summed at the group's ``owner`` rank as in :meth:`run` (bit
+        for bit those of one process) and the others get None."""
+
+        def fit_block(index: int, block: nn.Module, originals: Mapping[str, nn.Module], dense: list,
+                      compressed: list, kwargs: list) -> None:
+            groups = self._groups_in_flow_order(block, dense[0], kwargs[0], list(originals))
+            owners = self.ranks.assign(groups, {t.name: t.shape for t in self.targets if t.block == index})
+            for group in groups:
+                owner = owners[group[0]]
+                statistics = self._paired_statistics(block, group, originals, dense, compressed, kwargs,
+                                                     dense_gram, owner, f"summing the compensating statistics "
+                                                     f"of block {index}")
+                on_group(index, group, owner, statistics)
+
+        return fit_block
 
     @contextlib.contextmanager
     def _swapped(self, modules: Mapping[str, nn.Module]) -> Iterator[None]:

@@ -162,8 +162,9 @@ def compress(
              "compensating one; keeps each weight where the compressed inputs lost a direction instead of "
              "amplifying what is left of it [default: 1 with compensate]")] = None,
     refine_steps: Annotated[int, typer.Option(
-        help="with --closed-loop compensate: Adam steps per block on its factors towards the dense block's "
-             "outputs, one calibration batch (--batch-size windows) per step")] = 0,
+        help="Adam steps per block on its factors, once fitted, towards the dense block's outputs on the "
+             "compressed model's inputs, one calibration batch (--batch-size windows) per step (with --closed-loop "
+             "none, correct or compensate)")] = 0,
     refine_lr: float = 1e-4,
     correction_rounds: Annotated[int, typer.Option(
         help="with --closed-loop correct: rounds of a gradient sweep of the truncated model and a decomposition "

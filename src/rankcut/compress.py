@@ -16,6 +16,9 @@ Phases (each timed in the report):
    (:meth:`PairedStatistics.fit_grams`). ``correct`` keeps the open-loop fit and applies ZS-SVD's weight
    correction to the plan (:mod:`rankcut.correction`): rounds of a gradient sweep of the truncated
    model and a decomposition of each weight pulled back towards the dense one along its gradient.
+   ``refine_steps`` then trains each block's factors (after the compensating fit, the correction or the
+   open-loop fit) towards the dense block's outputs on the compressed model's inputs (:mod:`rankcut.refine`),
+   the dense and the compressed model running side by side.
 
 With a work folder (:mod:`rankcut.workdir`) each block's spectra and the activations entering the next
 block are checkpointed as the passes go, and the plan once allocated, so a rerun after an interruption
@@ -113,7 +116,7 @@ class CompressionConfig:
     # closed_loop "compensate": weight of the dense fit ‖(W − W_k) X‖² beside the compensating one. None: 1 with
     # compensate (SmolLM2 uniform keep 0.8: WikiText-2 42.54, C4 68.88 against 54.11 / 104.10 unanchored), else 0
     anchor: float | None = None
-    refine_steps: int = 0  # Adam steps per block on its factors after the compensating fit (0: none)
+    refine_steps: int = 0  # Adam steps per block on its factors once fitted (none, correct, compensate; 0: none)
     refine_lr: float = 1e-4
     correction_rounds: int = 1  # closed_loop "correct": rounds of gradient sweep and decomposition
     correction_windows: int = 32  # closed_loop "correct": calibration windows of the mean gradient (zerosum's 32)
@@ -158,9 +161,12 @@ class CompressionConfig:
             raise ConfigError(f"refine_steps must be an integer >= 0, got {self.refine_steps!r}")
         if isinstance(self.refine_lr, bool) or not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
             raise ConfigError(f"refine_lr must be > 0, got {self.refine_lr!r}")
-        if self.refine_steps and self.closed_loop != "compensate":
-            raise ConfigError("refine_steps needs closed_loop 'compensate': refinement trains each block towards the "
-                              "dense model's outputs, which only the compensating pass carries")
+        if self.refine_steps and self.closed_loop == "sequential":
+            raise ConfigError("refine_steps trains each block towards the dense model's outputs, which the sequential "
+                              "pass does not carry: use closed_loop 'none', 'correct' or 'compensate'")
+        if self.refine_steps and self.whitening == "none":
+            raise ConfigError("refine_steps trains each block on calibration data: it needs a whitening other than "
+                              "'none'")
         for name in ("correction_rounds", "correction_windows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -646,7 +652,7 @@ def _conduct(
             elif config.closed_loop == "correct":
                 _factorize_corrected(job, spectra, plan)
             else:
-                _factorize_open_loop(job, spectra, plan)
+                _factorize_fitted(job, spectra, plan)
             if writer is not None:
                 outer = outer_modules(model, find_decoder_blocks(model, with_linears=False)[0])
                 weights.onload(outer)
@@ -827,10 +833,12 @@ def _factorize_open_loop(job: _Job, spectra: dict[str, Spectrum], plan: RankPlan
         job.weights.offload([block])
 
 
-def _closed_loop_pass(job: _Job, kind: str, plan: RankPlan) -> tuple[BlockStream, BlockCheckpoints | None, Resumed]:
+def _closed_loop_pass(job: _Job, kind: str, plan: RankPlan, spectra: dict[str, Spectrum] | None = None
+                      ) -> tuple[BlockStream, BlockCheckpoints | None, Resumed]:
     """The block stream of a closed-loop pass, its checkpoints in the work folder's ``kind`` subfolder,
-    and where an interrupted pass stopped: the blocks it had done are factorized again from their
-    checkpointed factors (and refined parameters) before the pass resumes at the next one."""
+    and where an interrupted pass stopped: the blocks it had done are factorized again, from ``spectra``
+    when given, else from their checkpointed factors, and get their refined parameters back before the
+    pass resumes at the next one."""
     stream = job.block_stream()
     checkpoints = job.work.blocks(kind, len(stream.blocks)) if job.work is not None else None
     state = _resume(checkpoints, stream.device, job.decomposer)
@@ -840,7 +848,7 @@ def _closed_loop_pass(job: _Job, kind: str, plan: RankPlan) -> tuple[BlockStream
             for name, tensor in checkpoints.refined(index).items():
                 job.model.get_parameter(name).copy_(tensor)
 
-    _factorize_open_loop(job, state.spectra, plan, range(state.next_block),
+    _factorize_open_loop(job, state.spectra if spectra is None else spectra, plan, range(state.next_block),
                          restore if checkpoints is not None else None)
     return stream, checkpoints, state
 
@@ -875,17 +883,59 @@ def _factorize_sequential(job: _Job, plan: RankPlan) -> None:
                        on_outputs=checkpoints.save_activations if checkpoints is not None else None)
 
 
-def _factorize_compensating(job: _Job, plan: RankPlan) -> None:
-    """Factorize every target by the compensating fit (:meth:`BlockStream.run_compensating`), group by
-    group, then refine each block's factors when asked (:func:`refine_block`); each block's cut factors
-    and refined parameters are checkpointed, so a rerun resumes at the first block not done. With several
-    processes each group is fitted by the rank owning its statistics, which shares the layers, and
-    refinement is data parallel."""
-    stream, checkpoints, state = _closed_loop_pass(job, "compensate", plan)
+BlockFit = Callable[[int, nn.Module, Mapping[str, nn.Module], list, list, list], None]
+
+
+def _factorize_paired(job: _Job, kind: str, plan: RankPlan, fit_block: Callable[[BlockStream], BlockFit],
+                      kept: dict[str, Spectrum], spectra: dict[str, Spectrum] | None = None) -> None:
+    """The dense and the compressed model side by side (:meth:`BlockStream.run_paired`): ``fit_block``
+    (made for the pass's stream) replaces each block's targets, leaving in ``kept`` the factors to
+    checkpoint, then ``refine_steps`` of :func:`refine_block` train them when asked. Each block's
+    checkpoint holds those factors and the refined parameters, so a rerun resumes at the first block not
+    done (done blocks come back from ``spectra`` when given, else from their checkpointed factors). With
+    several processes refinement is data parallel."""
+    stream, checkpoints, state = _closed_loop_pass(job, kind, plan, spectra)
     model, targets, config, decomposer = job.model, job.targets, job.config, job.decomposer
-    by_name = {t.name: t for t in targets}
-    kept: dict[str, Spectrum] = {}
     refined: dict[str, torch.Tensor] = {}
+
+    def refine(index: int, block: nn.Module, inputs, outputs, kwargs) -> None:
+        names = [t.name for t in targets if t.block == index and plan.ranks[t.name] != DENSE]
+        report = refine_block(block, [model.get_submodule(name) for name in names], inputs, outputs, kwargs,
+                              steps=config.refine_steps, lr=config.refine_lr, seed=config.calibration.seed + index,
+                              batches=stream.batch_indices, ranks=decomposer.ranks)
+        for name in names:
+            decomposer.diagnostics.setdefault(name, {})["refinement"] = report
+            refined.update({f"{name}.{key}": p for key, p in model.get_submodule(name).named_parameters()
+                            if key != "bias"})
+
+    def block_done(index: int) -> None:
+        if checkpoints is not None:
+            names = [t.name for t in targets if t.block == index]
+            checkpoints.save_block(index, {n: kept[n] for n in names if n in kept},
+                                   {n: decomposer.diagnostics.get(n, {}) for n in names}, refined,
+                                   owners={n: decomposer.owners[n] for n in names if n in decomposer.owners})
+        kept.clear()
+        refined.clear()
+        if job.hand_over is not None:
+            job.hand_over(stream.block_name(index))
+
+    with progress_bar(f"factorize blocks (closed loop, {kind})", total=len(stream.blocks),
+                      enabled=job.show_progress) as advance:
+        advance(state.next_block)
+        if state.next_block < len(stream.blocks):
+            stream.run_paired(fit_block(stream), block_done, refine=refine if config.refine_steps else None,
+                              progress=advance, start_block=state.next_block, hidden=state.hidden,
+                              on_outputs=checkpoints.save_activations if checkpoints is not None else None)
+
+
+def _factorize_compensating(job: _Job, plan: RankPlan) -> None:
+    """Factorize every target by the compensating fit (:meth:`BlockStream.fit_compensating`), group by
+    group, in a paired pass (:func:`_factorize_paired`: refined when asked, checkpointed with the cut
+    factors). With several processes each group is fitted by the rank owning its statistics, which
+    shares the layers."""
+    model, config, decomposer = job.model, job.config, job.decomposer
+    by_name = {t.name: t for t in job.targets}
+    kept: dict[str, Spectrum] = {}
 
     def factorize_group(_block: int, group: tuple[str, ...], owner: int, statistics: PairedStatistics | None) -> None:
         decomposer.owners.update({name: owner for name in group})
@@ -898,35 +948,38 @@ def _factorize_compensating(job: _Job, plan: RankPlan) -> None:
         decomposer.share_diagnostics(list(group))
         decomposer.share_layers(list(group), plan)
 
-    def refine(index: int, block: nn.Module, inputs, outputs, kwargs) -> None:
-        names = [t.name for t in targets if t.block == index and plan.ranks[t.name] != DENSE]
-        report = refine_block(block, [model.get_submodule(name) for name in names], inputs, outputs, kwargs,
-                              steps=config.refine_steps, lr=config.refine_lr, seed=config.calibration.seed + index,
-                              batches=stream.batch_indices, ranks=decomposer.ranks)
-        for name in names:
-            decomposer.diagnostics[name]["refinement"] = report
-            refined.update({f"{name}.{key}": p for key, p in model.get_submodule(name).named_parameters()
-                            if key != "bias"})
+    _factorize_paired(job, "compensate", plan,
+                      lambda stream: stream.fit_compensating(factorize_group, dense_gram=config.anchor > 0), kept)
 
-    def block_done(index: int) -> None:
-        if checkpoints is not None:
-            names = [t.name for t in targets if t.block == index]
-            checkpoints.save_block(index, {n: kept[n] for n in names if n in kept},
-                                   {n: decomposer.diagnostics[n] for n in names}, refined,
-                                   owners={n: decomposer.owners[n] for n in names})
-        kept.clear()
-        refined.clear()
-        if job.hand_over is not None:
-            job.hand_over(stream.block_name(index))
 
-    with progress_bar("factorize blocks (closed loop, compensating)", total=len(stream.blocks),
-                      enabled=job.show_progress) as advance:
-        advance(state.next_block)
-        if state.next_block < len(stream.blocks):
-            stream.run_compensating(factorize_group, block_done, refine=refine if config.refine_steps else None,
-                                    progress=advance, start_block=state.next_block, hidden=state.hidden,
-                                    on_outputs=checkpoints.save_activations if checkpoints is not None else None,
-                                    dense_gram=config.anchor > 0)
+def _factorize_fitted(job: _Job, spectra: dict[str, Spectrum], plan: RankPlan) -> None:
+    """Factorize from the ``spectra`` fitted before (open loop, or corrected): refined block by block when
+    ``refine_steps`` asks for it, else each block directly."""
+    if job.config.refine_steps:
+        _factorize_refined(job, spectra, plan)
+    else:
+        _factorize_open_loop(job, spectra, plan)
+
+
+def _factorize_refined(job: _Job, spectra: dict[str, Spectrum], plan: RankPlan) -> None:
+    """Factorize each block from ``spectra`` (the open-loop or the corrected ones) at the planned ranks,
+    then refine its factors towards the dense block's outputs on the compressed path's inputs, in a
+    paired pass (:func:`_factorize_paired`); a resumed pass factorizes the blocks done from ``spectra``
+    again and puts their refined parameters back."""
+    by_name = {t.name: t for t in job.targets}
+
+    def fit_block(stream: BlockStream) -> BlockFit:
+        def replace(index: int, _block: nn.Module, originals: Mapping[str, nn.Module], *_streams) -> None:
+            for name in originals:
+                if job.decomposer.owns(name):
+                    _replace(job.model, by_name[name], spectra, plan, job.config.factor_format)
+                else:
+                    spectra.pop(name, None)
+            job.decomposer.share_layers(list(originals), plan)
+
+        return replace
+
+    _factorize_paired(job, "refine", plan, fit_block, {}, spectra)
 
 
 def _factorize_corrected(job: _Job, spectra: dict[str, Spectrum], plan: RankPlan) -> None:
@@ -949,7 +1002,7 @@ def _factorize_corrected(job: _Job, spectra: dict[str, Spectrum], plan: RankPlan
             checkpoints = (job.work.blocks(f"correct-{round_}", blocks) if job.work is not None
                            else BlockCheckpoints(Path(scratch) / f"round-{round_}", blocks))
             current = _correction_round(job, stream, current, planned, windows, gradients, checkpoints, round_)
-        _factorize_open_loop(job, dict(current), plan)
+        _factorize_fitted(job, dict(current), plan)
 
 
 def _correction_round(job: _Job, stream: ModelStream, spectra: Mapping[str, Spectrum], planned: Mapping[str, int],

@@ -14,7 +14,8 @@ largest stage:
   dobi), or the head and one chunk of logits, whichever is larger;
 - **factorize and write**: one block's weights and float64 factors, or the embeddings and head when the
   last shard is written; a refitting closed loop adds the calibration stream again (``compensate``: two
-  of them, dense and compressed, and one input group's cross-Gram; with an anchor its dense Gram too);
+  of them, dense and compressed, and one input group's cross-Gram; with an anchor its dense Gram too),
+  and refinement both streams with the block's factors, their Adam moments and one batch's autograd;
 - **correct** (``closed_loop="correct"``), each round: a gradient sweep of the truncated model over the
   correction windows (as zerosum's), then the calibration stream again, with one block's pulled weights
   beside the decompositions. On disk: the planned modules' gradients (float32) and each round's spectra.
@@ -173,20 +174,25 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
         # they are cut at the planned ranks)
         correction_disk = 4 * sum(t.out_features * t.in_features for t in targets) + sweep_disk \
             + config.correction_rounds * spectra_disk
-    if config.closed_loop in ("sequential", "compensate"):  # the calibration data streams again, block by block
-        widest = max(t.in_features for t in targets)
-        streams = 2 if config.closed_loop == "compensate" else 1  # compensate: the dense and the compressed path
+    # the calibration data streams again, block by block: the dense and the compressed path where the pass
+    # pairs them (the compensating fit, refinement)
+    paired = config.closed_loop == "compensate" or config.refine_steps > 0
+    streams = 2 if paired else int(config.closed_loop == "sequential")
+    if streams:
         run_side["factorize"].update({"calibration activations": streams * activations,
                                       "block forward workspace": workspace})
+    if config.closed_loop in ("sequential", "compensate"):  # every module is decomposed again
+        widest = max(t.in_features for t in targets)
         # compensate: one group's cross-Gram X X̃ᵀ (float64 total, float32 batch products: one per rank at
         # the owner) beside the Grams, and with an anchor the dense inputs' Gram X Xᵀ as well
-        paired = (1 + (config.anchor > 0)) * (8 + 4 * world_size) * widest ** 2 if streams == 2 else 0
-        host_side["factorize"].update({"Grams": grams + paired,
+        cross_grams = (1 + (config.anchor > 0)) * (8 + 4 * world_size) * widest ** 2 \
+            if config.closed_loop == "compensate" else 0
+        host_side["factorize"].update({"Grams": grams + cross_grams,
                                        "decompositions": decomposition})
-        if config.refine_steps:  # the block's factors with Adam's two moments, one batch's autograd tensors
-            run_side["factorize"]["refinement"] = (3 * block * size + batch_tokens * (12 * hidden + 4 * intermediate) * size
-                                                   + min(calibration.batch_size, calibration.nsamples) * heads
-                                                   * calibration.seqlen ** 2 * 4)
+    if config.refine_steps:  # the block's factors with Adam's two moments, one batch's autograd tensors
+        run_side["factorize"]["refinement"] = (3 * block * size + batch_tokens * (12 * hidden + 4 * intermediate) * size
+                                               + min(calibration.batch_size, calibration.nsamples) * heads
+                                               * calibration.seqlen ** 2 * 4)
     if on_device:
         host = {stage: host_side[stage] for stage in run_side}
         device_terms = run_side

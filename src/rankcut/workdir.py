@@ -13,8 +13,10 @@ A work folder holds::
                                     hold one activations.safetensors, which is read too)
     plan.json                       the rank plan, once allocated
     sequential/..., compensate/...  the closed-loop factorize pass, laid out like spectra/ (factors
-                                    cut to the planned ranks; compensate's activations hold the dense
-                                    path's batches, then the compressed path's)
+    refine/...                      cut to the planned ranks, none for refine/, which factorizes from
+                                    the fitted spectra; refined parameters; the paired passes'
+                                    activations hold the dense path's batches, then the compressed
+                                    path's)
     allocator/                      free for the allocator's own checkpoints (AllocationContext.work_dir)
     sweep/block-NNNN.safetensors    each block's saved inputs while a streamed allocator's gradient sweep
                                     runs (rankcut.sweep); each file is deleted once read back
@@ -342,7 +344,8 @@ class WorkDir:
         self.close()
 
     def blocks(self, stage: str, count: int) -> BlockCheckpoints:
-        """Checkpoints of one pass (``spectra``, ``sequential`` or ``compensate``) over ``count`` decoder blocks."""
+        """Checkpoints of one pass (``spectra``, ``sequential``, ``compensate``, ``refine``, ``correct-N``) over
+        ``count`` decoder blocks."""
         return BlockCheckpoints(self.path / stage, count)
 
     @property
