@@ -141,6 +141,13 @@ $MATRIX ${LOOP/--eval/--eval wikitext2:test} --allocators ara --keeps 0.6 --clos
 # The headline's figures for zerosum + correct with half steps, the default pipeline since.
 $MATRIX $HEAD --allocators zerosum --keeps 0.8 --closed-loops correct --correction-steps 0.5
 
+# Block refinement (32 steps) after the half-step correction, at keep 0.8 after zerosum and at keep 0.6 after ARA's
+# plan; and after zerosum's unanchored compensating fit at keep 0.8.
+$MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --refine-steps 32
+$MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops correct --correction-steps 0.5 --refine-steps 32
+$MATRIX $LOOP --allocators ara --keeps 0.6 --closed-loops correct --correction-steps 0.5 --refine-steps 32 \
+    --tag=-epoch1-lr0.15 --allocator-options '{"ara": {"epochs": 1, "lr": 0.15}}'
+
 # Closed-loop cells not measured yet (20-80 min each here); resuming the script runs them. First the headline's
 # zero-shot and speed of the best keep-0.6 pipeline, ARA + the half-step correction.
 $MATRIX $HEAD --allocators ara --keeps 0.6 --closed-loops correct --correction-steps 0.5 --tag=-epoch1-lr0.15 \
@@ -149,7 +156,6 @@ $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --compe
 $MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 --closed-loops compensate --refine-steps 128
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --anchors 1 --refine-steps 32
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate sequential
-$MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --refine-steps 32
 $MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate sequential
 $MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate --refine-steps 32 128
 
