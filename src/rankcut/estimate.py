@@ -190,9 +190,8 @@ def estimate_compression(model_config, config, *, dtype: torch.dtype = torch.flo
         host_side["factorize"].update({"Grams": grams + cross_grams,
                                        "decompositions": decomposition})
     if config.refine_steps:  # the block's factors with Adam's two moments, one batch's autograd tensors
-        run_side["factorize"]["refinement"] = (3 * block * size + batch_tokens * (12 * hidden + 4 * intermediate) * size
-                                               + min(calibration.batch_size, calibration.nsamples) * heads
-                                               * calibration.seqlen ** 2 * 4)
+        run_side["factorize"]["refinement"] = 3 * block * size + _autograd_block(
+            min(calibration.batch_size, calibration.nsamples), calibration.seqlen, hidden, intermediate, heads, size)
     if on_device:
         host = {stage: host_side[stage] for stage in run_side}
         device_terms = run_side
