@@ -148,10 +148,11 @@ $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops correct --correcti
 $MATRIX $LOOP --allocators ara --keeps 0.6 --closed-loops correct --correction-steps 0.5 --refine-steps 32 \
     --tag=-epoch1-lr0.15 --allocator-options '{"ara": {"epochs": 1, "lr": 0.15}}'
 
-# Closed-loop cells not measured yet (20-80 min each here); resuming the script runs them. First the headline's
-# zero-shot and speed of the best keep-0.6 pipeline, ARA + the half-step correction.
+# The headline's zero-shot and speed of the best keep-0.6 pipeline, ARA + the half-step correction.
 $MATRIX $HEAD --allocators ara --keeps 0.6 --closed-loops correct --correction-steps 0.5 --tag=-epoch1-lr0.15 \
     --allocator-options '{"ara": {"epochs": 1, "lr": 0.15}}'
+
+# Closed-loop cells not measured yet (20-80 min each here); resuming the script runs them.
 $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --compensations 0.5
 $MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 --closed-loops compensate --refine-steps 128
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --anchors 1 --refine-steps 32
