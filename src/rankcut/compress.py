@@ -810,6 +810,17 @@ def _replace(model: nn.Module, target: TargetModule, spectra: dict[str, Spectrum
     set_submodule(model, target.name, layer)
 
 
+def _replace_block(job: _Job, targets: list[TargetModule], spectra: dict[str, Spectrum], plan: RankPlan) -> None:
+    """Replace one block's ``targets`` by their factors from ``spectra`` at the planned ranks, each by the
+    rank holding its factors, and share the layers with the other ranks."""
+    for target in targets:
+        if job.decomposer.owns(target.name):
+            _replace(job.model, target, spectra, plan, job.config.factor_format)
+        else:
+            spectra.pop(target.name, None)
+    job.decomposer.share_layers([t.name for t in targets], plan)
+
+
 def _factorize_open_loop(job: _Job, spectra: dict[str, Spectrum], plan: RankPlan, blocks: range | None = None,
                          restore: Callable[[int], None] | None = None) -> None:
     """Replace the targets of ``blocks`` (all by default) by their factors at the planned rank, one block
@@ -819,13 +830,7 @@ def _factorize_open_loop(job: _Job, spectra: dict[str, Spectrum], plan: RankPlan
     for index in blocks if blocks is not None else range(len(decoder_blocks)):
         block = f"{prefix}.{index}"
         job.weights.onload([block])
-        block_targets = [t for t in job.targets if t.block == index]
-        for target in block_targets:
-            if job.decomposer.owns(target.name):
-                _replace(job.model, target, spectra, plan, job.config.factor_format)
-            else:
-                spectra.pop(target.name, None)
-        job.decomposer.share_layers([t.name for t in block_targets], plan)
+        _replace_block(job, [t for t in job.targets if t.block == index], spectra, plan)
         if restore is not None:
             restore(index)
         if job.hand_over is not None:
@@ -966,20 +971,11 @@ def _factorize_refined(job: _Job, spectra: dict[str, Spectrum], plan: RankPlan) 
     then refine its factors towards the dense block's outputs on the compressed path's inputs, in a
     paired pass (:func:`_factorize_paired`); a resumed pass factorizes the blocks done from ``spectra``
     again and puts their refined parameters back."""
-    by_name = {t.name: t for t in job.targets}
 
-    def fit_block(stream: BlockStream) -> BlockFit:
-        def replace(index: int, _block: nn.Module, originals: Mapping[str, nn.Module], *_streams) -> None:
-            for name in originals:
-                if job.decomposer.owns(name):
-                    _replace(job.model, by_name[name], spectra, plan, job.config.factor_format)
-                else:
-                    spectra.pop(name, None)
-            job.decomposer.share_layers(list(originals), plan)
+    def replace(index: int, *_block_and_streams) -> None:
+        _replace_block(job, [t for t in job.targets if t.block == index], spectra, plan)
 
-        return replace
-
-    _factorize_paired(job, "refine", plan, fit_block, {}, spectra)
+    _factorize_paired(job, "refine", plan, lambda _stream: replace, {}, spectra)
 
 
 def _factorize_corrected(job: _Job, spectra: dict[str, Spectrum], plan: RankPlan) -> None:
