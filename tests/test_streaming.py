@@ -82,40 +82,66 @@ def mapped_files() -> set[str]:
     return {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if len(line.split()) >= 6}
 
 
-@pytest.mark.parametrize("allocator", ["energy", "zerosum", "strs", "ara"])
-def test_one_block_resident_and_no_file_left_mapped(tmp_path, monkeypatch, allocator):
-    """A deep tiny model, sharded on disk: at every offload no checkpoint file is mapped and the
-    materialized parameters are those of one block at most (plus what lies outside the blocks), also
-    through zerosum's forward and reverse sweep, strs's probe pass and ara's training steps."""
+def resident_at_offloads(tmp_path: Path, monkeypatch, config: CompressionConfig) -> tuple[list[tuple[int, int]], int, int]:
+    """Compress a deep tiny model, sharded on disk, checking at every offload that no checkpoint file is
+    mapped; the materialized parameter counts at the offloads (inside the decoder blocks, outside them),
+    and the dense model's counts of one block and of what lies outside the blocks."""
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_config
 
-    config = tiny_config("llama")
-    config.num_hidden_layers = 12
+    model_config = tiny_config("llama")
+    model_config.num_hidden_layers = 12
     torch.manual_seed(0)
-    folder = saved(AutoModelForCausalLM.from_config(config), tmp_path / "deep", max_shard_size="100KB")
+    folder = saved(AutoModelForCausalLM.from_config(model_config), tmp_path / "deep", max_shard_size="100KB")
     shards = {str(path) for path in folder.glob("*.safetensors")}
     assert len(shards) > 3
-    resident: list[int] = []
+    resident: list[tuple[int, int]] = []
     offload = StreamedWeights.offload
 
     def checked_offload(self, prefixes):
-        materialized = sum(p.numel() for p in self.model.parameters() if p.device.type != "meta")
-        resident.append(materialized)
+        materialized = [(name, p.numel()) for name, p in self.model.named_parameters() if p.device.type != "meta"]
+        in_blocks = sum(count for name, count in materialized if name.startswith("model.layers."))
+        resident.append((in_blocks, sum(count for _, count in materialized) - in_blocks))
         assert not shards & mapped_files()
         offload(self, prefixes)
 
     monkeypatch.setattr(StreamedWeights, "offload", checked_offload)
     monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
-    compress_checkpoint(folder, CompressionConfig(keep_ratio=0.6, allocator=allocator), tmp_path / "out",
-                        calibration=calibration_ids(4, 16), show_progress=False, work_dir=tmp_path / "work")
-    block = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).model.layers[0].parameters())
-    # calibration, the allocator's (ara: a forward and a reverse sweep per step, 2 steps), factorization
-    passes = {"energy": 2, "zerosum": 4, "strs": 3, "ara": 6}[allocator]
-    assert len(resident) >= passes * 12
-    assert max(resident) <= block + config.vocab_size * config.hidden_size * 2  # one block + embeddings/head
+    compress_checkpoint(folder, config, tmp_path / "out", calibration=calibration_ids(4, 16), show_progress=False,
+                        work_dir=tmp_path / "work")
     assert not shards & mapped_files()
+    dense = dict(AutoModelForCausalLM.from_config(model_config).named_parameters())
+    block = sum(p.numel() for name, p in dense.items() if name.startswith("model.layers.0."))
+    return resident, block, sum(p.numel() for name, p in dense.items() if not name.startswith("model.layers."))
+
+
+def assert_one_block_resident(resident: list[tuple[int, int]], block: int, outside: int, passes: int) -> None:
+    """``passes`` passes over the 12 blocks, each with one block's weights at most (dense, or its factors
+    beside or instead of them, which at keep 0.6 would exceed it) and the embeddings, head and final norm
+    outside the blocks at most."""
+    assert len(resident) >= passes * 12
+    assert max(in_blocks for in_blocks, _ in resident) <= block
+    assert max(outside_blocks for _, outside_blocks in resident) <= outside
+
+
+@pytest.mark.parametrize("allocator", ["energy", "zerosum", "strs", "ara"])
+def test_one_block_resident_and_no_file_left_mapped(tmp_path, monkeypatch, allocator):
+    """At every offload no checkpoint file is mapped and the materialized parameters are those of one
+    block at most (plus what lies outside the blocks), also through zerosum's forward and reverse sweep,
+    strs's probe pass and ara's training steps."""
+    resident = resident_at_offloads(tmp_path, monkeypatch, CompressionConfig(keep_ratio=0.6, allocator=allocator))
+    # calibration, the allocator's (ara: a forward and a reverse sweep per step, 2 steps), factorization
+    assert_one_block_resident(*resident, {"energy": 2, "zerosum": 4, "strs": 3, "ara": 6}[allocator])
+
+
+@pytest.mark.parametrize("closed_loop, refine_steps, passes", [
+    ("sequential", 0, 2), ("compensate", 0, 2), ("compensate", 2, 2), ("none", 2, 2)])
+def test_closed_loops_keep_one_block_resident(tmp_path, monkeypatch, closed_loop, refine_steps, passes):
+    """The closed loops run the dense and the compressed block side by side (refinement trains them so):
+    still one block's weights at most at every offload, and no file left mapped."""
+    config = CompressionConfig(keep_ratio=0.6, allocator="energy", closed_loop=closed_loop, refine_steps=refine_steps)
+    assert_one_block_resident(*resident_at_offloads(tmp_path, monkeypatch, config), passes)
 
 
 @pytest.fixture()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .compress import DEFAULT_ALLOCATOR
+from .compress import CalibrationConfig, CompressionConfig
 from .errors import RankcutError
 
 P = ParamSpec("P")
@@ -24,6 +25,9 @@ out = Console()
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="bundled name (smollm2-135m, gemma3-270m), HF folder, .gguf file, hub id, or rankcut artifact")]
 DataDirOption = Annotated[Optional[Path], typer.Option("--data-dir", help="local data folder (default: $RANKCUT_DATA)")]
+# ``compress``'s defaults are the configs' own, so the command and ``CompressionConfig()`` cannot drift apart.
+COMPRESSION = {f.name: f.default for f in dataclasses.fields(CompressionConfig) if f.default is not dataclasses.MISSING}
+CALIBRATION = {f.name: f.default for f in dataclasses.fields(CalibrationConfig)}
 
 
 def _friendly_errors(command: Callable[P, None]) -> Callable[P, None]:
@@ -137,18 +141,18 @@ def _load_any(spec: str, dtype: str, device: str):
 def compress(
     model: ModelOption = "smollm2-135m",
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="artifact folder to write")] = Path("rankcut-out"),
-    keep: Annotated[float, typer.Option("--keep", help="keep ratio of the target modules' parameters, in (0, 1]")] = 0.8,
-    allocator: Annotated[str, typer.Option(help="rank allocator (see `rankcut allocators`)")] = DEFAULT_ALLOCATOR,
+    keep: Annotated[float, typer.Option("--keep", help="keep ratio of the target modules' parameters, in (0, 1]")] = COMPRESSION["keep_ratio"],
+    allocator: Annotated[str, typer.Option(help="rank allocator (see `rankcut allocators`)")] = COMPRESSION["allocator"],
     allocator_option: Annotated[list[str], typer.Option("--allocator-option", "-a", help="KEY=VALUE, repeatable")] = [],
-    whitening: Annotated[str, typer.Option(help="none | scale | cholesky")] = "cholesky",
+    whitening: Annotated[str, typer.Option(help="none | scale | cholesky")] = COMPRESSION["whitening"],
     whitening_option: Annotated[list[str], typer.Option("--whitening-option", "-w", help="KEY=VALUE, repeatable")] = [],
-    factor_format: Annotated[str, typer.Option("--format", help="pivga (gauge-fixed, more rank per budget) | plain")] = "pivga",
-    calib: Annotated[str, typer.Option(help="calibration dataset name or file")] = "c4",
-    calib_split: str = "validation",
-    nsamples: int = 256,
-    seqlen: int = 512,
-    batch_size: int = 8,
-    seed: int = 0,
+    factor_format: Annotated[str, typer.Option("--format", help="pivga (gauge-fixed, more rank per budget) | plain")] = COMPRESSION["factor_format"],
+    calib: Annotated[str, typer.Option(help="calibration dataset name or file")] = CALIBRATION["dataset"],
+    calib_split: str = CALIBRATION["split"],
+    nsamples: int = CALIBRATION["nsamples"],
+    seqlen: int = CALIBRATION["seqlen"],
+    batch_size: int = CALIBRATION["batch_size"],
+    seed: int = CALIBRATION["seed"],
     closed_loop: Annotated[Optional[str], typer.Option(
         help="none | sequential (refit each block to the compressed upstream's inputs) | compensate (fit each "
              "module's compressed-path output to the dense model's) | correct (ZS-SVD's correction: pull each "
@@ -156,7 +160,7 @@ def compress(
              "[default: correct; none with --whitening none]")] = None,
     compensation: Annotated[float, typer.Option(
         help="with --closed-loop compensate: the share of the upstream error each module compensates, in [0, 1] "
-             "(1: fit the dense outputs; 0: the module's own weight on the compressed inputs)")] = 1.0,
+             "(1: fit the dense outputs; 0: the module's own weight on the compressed inputs)")] = COMPRESSION["compensation"],
     anchor: Annotated[Optional[float], typer.Option(
         help="with --closed-loop compensate: weight (>= 0) of the dense fit on the dense inputs beside the "
              "compensating one; keeps each weight where the compressed inputs lost a direction instead of "
@@ -164,15 +168,15 @@ def compress(
     refine_steps: Annotated[int, typer.Option(
         help="Adam steps per block on its factors, once fitted, towards the dense block's outputs on the "
              "compressed model's inputs, one calibration batch (--batch-size windows) per step (with --closed-loop "
-             "none, correct or compensate)")] = 0,
-    refine_lr: float = 1e-4,
+             "none, correct or compensate)")] = COMPRESSION["refine_steps"],
+    refine_lr: float = COMPRESSION["refine_lr"],
     correction_rounds: Annotated[int, typer.Option(
         help="with --closed-loop correct: rounds of a gradient sweep of the truncated model and a decomposition "
-             "of the corrected weights")] = 1,
+             "of the corrected weights")] = COMPRESSION["correction_rounds"],
     correction_windows: Annotated[int, typer.Option(
-        help="with --closed-loop correct: calibration windows the mean gradient is taken over")] = 32,
+        help="with --closed-loop correct: calibration windows the mean gradient is taken over")] = COMPRESSION["correction_windows"],
     correction_step: Annotated[float, typer.Option(
-        help="with --closed-loop correct: share of ZS-SVD's step each round takes, in (0, 1]")] = 0.5,
+        help="with --closed-loop correct: share of ZS-SVD's step each round takes, in (0, 1]")] = COMPRESSION["correction_step"],
     exclude: Annotated[list[str], typer.Option(help="module name patterns to keep dense, repeatable")] = [],
     data_dir: DataDirOption = None,
     device: str = "auto",
@@ -202,7 +206,7 @@ def compress(
     from ._settings import resolve_dtype
     from .artifacts import check_output_folder
     from .checkpoint import CheckpointSource
-    from .compress import CalibrationConfig, CompressionConfig, compress_checkpoint
+    from .compress import compress_checkpoint
     from .distributed import init_from_environment
     from .estimate import estimate_compression, parse_memory
     from .models import available_device, checkpoint_folder
