@@ -326,12 +326,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine-steps", nargs="+", type=int, default=[0],
                         help="block refinement steps, for --closed-loops none, correct and compensate (cells named "
                              "-refineN)")
-    parser.add_argument("--refine-lr", type=float, default=rankcut.CompressionConfig.refine_lr)
+    parser.add_argument("--refine-lr", type=float, default=rankcut.CompressionConfig.refine_lr,
+                        help="Adam's learning rate for the refinement (cells other than the default named -refineN-lrX)")
     parser.add_argument("--correction-rounds", nargs="+", type=int, default=[1],
                         help="weight-correction rounds, for --closed-loops correct (cells other than 1 named -correctN)")
     parser.add_argument("--correction-steps", nargs="+", type=float, default=[1.0],
                         help="shares of the correction's step, for --closed-loops correct (cells other than 1 named "
                              "-stepS)")
+    parser.add_argument("--correction-windows", nargs="+", type=int,
+                        default=[rankcut.CompressionConfig.correction_windows],
+                        help="calibration windows of the correction's mean gradient, for --closed-loops correct (cells "
+                             "other than the default named -windowsW)")
     parser.add_argument("--tag", default="", help="suffix for cell names (e.g. an ablation label)")
     parser.add_argument("--spectra-cache", type=Path, help="reuse spectra across cells with the same calibration")
     args = parser.parse_args(argv)
@@ -349,28 +354,32 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
     cells = itertools.product(args.calib, args.whitenings, args.allocators, args.formats, args.keeps,
                               args.closed_loops, args.compensations, args.anchors, args.refine_steps,
-                              args.correction_rounds, args.correction_steps)
+                              args.correction_rounds, args.correction_steps, args.correction_windows)
+    default_windows, default_lr = rankcut.CompressionConfig.correction_windows, rankcut.CompressionConfig.refine_lr
     for (calib, whitening, allocator, factor_format, keep, closed_loop, compensation, anchor, refine_steps,
-         rounds, step) in cells:
+         rounds, step, windows) in cells:
         if (compensation != 1.0 or anchor) and closed_loop != "compensate":
             continue  # the blend and the anchor apply to the compensating fit only
         if refine_steps and closed_loop == "sequential":
             continue  # refinement follows the open-loop, the corrected or the compensating fit
-        if (rounds != 1 or step != 1.0) and closed_loop != "correct":
+        if (rounds != 1 or step != 1.0 or windows != default_windows) and closed_loop != "correct":
             continue
         dataset, split = calib.split(":")
         loop = "" if closed_loop == "none" else f"-{closed_loop}" + (f"{compensation:g}" if compensation != 1.0 else "")
         loop += f"{rounds}" if rounds != 1 else ""
         loop += f"-step{step:g}" if step != 1.0 else ""
+        loop += f"-windows{windows}" if windows != default_windows else ""
         loop += f"-anchor{anchor:g}" if anchor else ""
         refine = f"-refine{refine_steps}" if refine_steps else ""
+        refine += f"-lr{args.refine_lr:g}" if refine_steps and args.refine_lr != default_lr else ""
         cell = f"{allocator}-{factor_format}-{whitening}-keep{keep:g}-{dataset}{loop}{refine}{args.tag}"
         path = args.results / f"{cell}.json"
         config = rankcut.CompressionConfig(
             keep_ratio=keep, allocator=allocator, allocator_options=allocator_options.get(allocator, {}),
             whitening=whitening, factor_format=factor_format, closed_loop=closed_loop, compensation=compensation,
             anchor=anchor, refine_steps=refine_steps, refine_lr=args.refine_lr,
-            **({"correction_rounds": rounds, "correction_step": step} if closed_loop == "correct" else {}),
+            **({"correction_rounds": rounds, "correction_step": step, "correction_windows": windows}
+               if closed_loop == "correct" else {}),
             calibration=rankcut.CalibrationConfig(dataset=dataset, split=split,
                                                   nsamples=args.nsamples, seqlen=args.seqlen))
         if path.exists():

@@ -26,9 +26,10 @@ from rankcut.plan import RankPlan
 from rankcut.plots import plot_pareto, plot_ranks
 
 # The closed-loop part of a cell's name, as compress_matrix.py writes it (-compensate0.5-anchor1-refine32,
-# -correct2-step0.5-refine32, -refine32 after the open loop).
-CLOSED_LOOP_SUFFIX = re.compile(r"^-(?:sequential|correct\d*(?:-step[\d.]+)?(?:-refine\d+)?"
-                                r"|compensate[\d.]*(?:-anchor[\d.]+)?(?:-refine\d+)?|refine\d+)")
+# -correct2-step0.5-windows128-refine32-lr0.001, -refine32 after the open loop).
+REFINE_SUFFIX = r"-refine\d+(?:-lr[\d.]+(?:e-\d+)?)?"
+CLOSED_LOOP_SUFFIX = re.compile(rf"^-(?:sequential|correct\d*(?:-step[\d.]+)?(?:-windows\d+)?(?:{REFINE_SUFFIX})?"
+                                rf"|compensate[\d.]*(?:-anchor[\d.]+)?(?:{REFINE_SUFFIX})?|{REFINE_SUFFIX[1:]})")
 MISSING = "—"
 # Zero-shot figures over fewer items per task than this are not shown: at 25 items a task's accuracy
 # swings by ±0.1 and the dense model averaged below compressed ones (issue 21). `main` sets the figure in
@@ -156,7 +157,18 @@ def closed_loop(cell: dict) -> tuple[str, int]:
         mode += f" {config['correction_rounds']} rounds"
     if config.get("closed_loop") == "correct" and config.get("correction_step", 1.0) != 1.0:
         mode += f" step {config['correction_step']:g}"
+    if config.get("closed_loop") == "correct" and config.get("correction_windows", 32) != 32:
+        mode += f" {config['correction_windows']} windows"
     return mode, config.get("refine_steps", 0)
+
+
+def refinement(cell: dict) -> str:
+    """``refine N`` for a cell with N refinement steps (with its lr where it is not today's default), else ''."""
+    config = cell["report"]["config"]
+    if not config.get("refine_steps", 0):
+        return ""
+    lr = "" if config["refine_lr"] == CompressionConfig.refine_lr else f" lr {config['refine_lr']:g}"
+    return f"refine {config['refine_steps']}{lr}"
 
 
 def label(cell: dict) -> list[str]:
@@ -226,6 +238,8 @@ def reproduce_command(cell: dict) -> str:
         parts.append(f"--correction-rounds {config['correction_rounds']}")
     if loop == "correct" and config.get("correction_step", 1.0) != CompressionConfig.correction_step:
         parts.append(f"--correction-step {config.get('correction_step', 1.0):g}")
+    if loop == "correct" and config.get("correction_windows", 32) != CompressionConfig.correction_windows:
+        parts.append(f"--correction-windows {config['correction_windows']}")
     return " ".join(parts)
 
 
@@ -290,7 +304,7 @@ def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
             mode, steps = closed_loop(row)
             pipeline = " + ".join([config["allocator"] + (f" `{allocator_tag(row)}`" if allocator_tag(row) else ""),
                                    *([f"closed loop {mode}"] if mode != "none" else []),
-                                   *([f"refine {steps}"] if steps else []), config["factor_format"]])
+                                   *([refinement(row)] if steps else []), config["factor_format"]])
             if role == "reference":
                 pipeline += " (reference)"
             elif index and rows[index - 1][1] == "reference":
@@ -443,7 +457,7 @@ def closed_loop_tables(cells: list[dict]) -> list[str]:
             refined = [d["refinement"] for d in cell["report"]["diagnostics"].values() if "refinement" in d]
             blocks = {(r["error_before"], r["error_after"], r["kept"]) for r in refined}  # one report per block
             kept = f"{sum(k for _, _, k in blocks)} / {len(blocks)}" if blocks else MISSING
-            body.append([mode + (f" + refine {steps}" if steps else ""), *shown,
+            body.append([mode + (f" + {refinement(cell)}" if steps else ""), *shown,
                          f"{shared[0] - shared[1]:+.2f}" if shared else MISSING, kept,
                          fmt(cell["report"]["timings"].get("factorize"), ".0f"), fmt(cell.get("compress_seconds"), ".0f")])
         headers = [f"{PPL_COLUMNS[p]}, {max(windows[p])} windows" if windows[p] else PPL_COLUMNS[p]

@@ -297,6 +297,19 @@ def test_closed_loop_cells_get_their_own_table(tiny_folder, tmp_path):
     assert results_script.reproduce_command(refined).endswith("--closed-loop none --refine-steps 2 --refine-lr 0.0001")
     corrected = json.loads((results / f"{stem}-correct-step0.5-refine2.json").read_text())
     assert results_script.reproduce_command(corrected).endswith("--seqlen 32 --refine-steps 2 --refine-lr 0.0001")
+    # the correction's window count and the refinement's lr name their cell (a tag's own -lr stays the tag),
+    # row and command
+    matrix.main(setting + ["--closed-loops", "correct", "--correction-steps", "0.5", "--correction-windows", "2",
+                           "--refine-steps", "2", "--refine-lr", "0.001", "--tag=-epoch1-lr0.15"])
+    windowed = json.loads((results / f"{stem}-correct-step0.5-windows2-refine2-lr0.001-epoch1-lr0.15.json").read_text())
+    assert windowed["report"]["config"]["correction_windows"] == 2
+    assert results_script.allocator_tag(windowed) == "-epoch1-lr0.15"
+    assert results_script.reproduce_command(windowed).endswith("--seqlen 32 --refine-steps 2 --refine-lr 0.001 "
+                                                               "--correction-windows 2")
+    results_script.main(["--results", str(results), "--out", str(out)])
+    heading = "### Closed loop: uniform `-epoch1-lr0.15`, pivga, cholesky, keep 0.6, wikitext2 calibration"
+    assert [row["closed loop"] for row in table_rows(out.read_text(), "closed loop", heading)] == [
+        "correct step 0.5 2 windows + refine 2 lr 0.001"]
 
     # A tagged allocator's closed-loop cell is compared with the open-loop cell of the same tag, not the default.
     matrix.main(setting + ["--tag=-v2", "--allocator-options", '{"uniform": {}}'])
