@@ -157,7 +157,9 @@ def closed_loop(cell: dict) -> tuple[str, int]:
         mode += f" {config['correction_rounds']} rounds"
     if config.get("closed_loop") == "correct" and config.get("correction_step", 1.0) != 1.0:
         mode += f" step {config['correction_step']:g}"
-    if config.get("closed_loop") == "correct" and config.get("correction_windows", 32) != 32:
+    # cells from before the option took 32 windows; the name, as compress_matrix's, differs from the default
+    if config.get("closed_loop") == "correct" \
+            and config.get("correction_windows", 32) != CompressionConfig.correction_windows:
         mode += f" {config['correction_windows']} windows"
     return mode, config.get("refine_steps", 0)
 
