@@ -303,10 +303,10 @@ def headline_table(dense: dict | None, cells: list[dict]) -> list[str]:
                 size = f"{row['speed']['weight_bytes'] / 2**20:.0f}"
         else:
             config, measured = row["report"]["config"], row["report"]["measured"]
-            mode, steps = closed_loop(row)
+            mode = closed_loop(row)[0]
             pipeline = " + ".join([config["allocator"] + (f" `{allocator_tag(row)}`" if allocator_tag(row) else ""),
                                    *([f"closed loop {mode}"] if mode != "none" else []),
-                                   *([refinement(row)] if steps else []), config["factor_format"]])
+                                   *filter(None, [refinement(row)]), config["factor_format"]])
             if role == "reference":
                 pipeline += " (reference)"
             elif index and rows[index - 1][1] == "reference":
@@ -450,7 +450,7 @@ def closed_loop_tables(cells: list[dict]) -> list[str]:
         wikitext = ("wikitext2", "test")
         body = []
         for cell in group:
-            mode, steps = closed_loop(cell)
+            mode = closed_loop(cell)[0]
             figures = {p: perplexities(cell, *p) for p in PPL_COLUMNS}
             shown = [fmt(figures[p][max(windows[p])] if windows[p] else None, ".2f") for p in PPL_COLUMNS]
             # the change over the column's windows, those every row of the table shares
@@ -459,7 +459,7 @@ def closed_loop_tables(cells: list[dict]) -> list[str]:
             refined = [d["refinement"] for d in cell["report"]["diagnostics"].values() if "refinement" in d]
             blocks = {(r["error_before"], r["error_after"], r["kept"]) for r in refined}  # one report per block
             kept = f"{sum(k for _, _, k in blocks)} / {len(blocks)}" if blocks else MISSING
-            body.append([mode + (f" + {refinement(cell)}" if steps else ""), *shown,
+            body.append([" + ".join(filter(None, [mode, refinement(cell)])), *shown,
                          f"{shared[0] - shared[1]:+.2f}" if shared else MISSING, kept,
                          fmt(cell["report"]["timings"].get("factorize"), ".0f"), fmt(cell.get("compress_seconds"), ".0f")])
         headers = [f"{PPL_COLUMNS[p]}, {max(windows[p])} windows" if windows[p] else PPL_COLUMNS[p]
