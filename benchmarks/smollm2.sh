@@ -159,17 +159,16 @@ $MATRIX $LOOP --allocators uniform --keeps 0.6 --closed-loops compensate --ancho
 # The same two fits after zerosum at keep 0.8.
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate sequential
 
-# Refinement of the unanchored compensating fits at keep 0.6 (32 steps) and with a second step count (8) after
-# both allocators at keep 0.8.
+# Refinement of the unanchored compensating fits at keep 0.6 (32 steps), and a second step count (8) after both
+# allocators at both keep ratios.
 $MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate --refine-steps 32
-$MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 --closed-loops compensate --refine-steps 8
+$MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 0.6 --closed-loops compensate --refine-steps 8
 # The correction's mean gradient over 128 windows (32 by default) on ARA's keep-0.6 plan.
 $MATRIX $LOOP --allocators ara --keeps 0.6 --closed-loops correct --correction-steps 0.5 --correction-windows 128 \
     --tag=-epoch1-lr0.15 --allocator-options '{"ara": {"epochs": 1, "lr": 0.15}}'
 
 # Closed-loop cells not measured yet (20-100 min each here); resuming the script runs them.
 $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --compensations 0.5
-$MATRIX $LOOP --allocators uniform zerosum --keeps 0.6 --closed-loops compensate --refine-steps 8
 $MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 0.6 --closed-loops compensate --refine-steps 128
 $MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --anchors 1 --refine-steps 32
 
