@@ -166,11 +166,12 @@ $MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 0.6 --closed-loops compen
 # The correction's mean gradient over 128 windows (32 by default) on ARA's keep-0.6 plan.
 $MATRIX $LOOP --allocators ara --keeps 0.6 --closed-loops correct --correction-steps 0.5 --correction-windows 128 \
     --tag=-epoch1-lr0.15 --allocator-options '{"ara": {"epochs": 1, "lr": 0.15}}'
+# Refinement (32 steps) of the anchored compensating fit after zerosum at keep 0.8.
+$MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --anchors 1 --refine-steps 32
 
 # Closed-loop cells not measured yet (20-100 min each here); resuming the script runs them.
 $MATRIX $LOOP --allocators uniform --keeps 0.8 --closed-loops compensate --compensations 0.5
 $MATRIX $LOOP --allocators uniform zerosum --keeps 0.8 0.6 --closed-loops compensate --refine-steps 128
-$MATRIX $LOOP --allocators zerosum --keeps 0.8 --closed-loops compensate --anchors 1 --refine-steps 32
 
 python benchmarks/make_results.py --results $R --out benchmarks/RESULTS.md --title SmolLM2-135M --readme README.md \
     --command "bash benchmarks/smollm2.sh"
